@@ -1,0 +1,56 @@
+"""ALiBi (Press, Smith & Lewis, ICLR 2022) as MPT defines it: the one place for its math.
+
+Every attention backend takes its slopes and its bias from here. The bias is computed from
+relative positions (j - i) in fp32: MPT's original key-only form `m * (j - (S-1))` carries a
+per-row offset of up to m*S that bf16 cannot represent accurately at long lengths.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def alibi_slopes(n_heads: int, alibi_bias_max: float = 8.0, device=None) -> torch.Tensor:
+    """MPT's per-head slopes, shape (n_heads,), fp32.
+
+    With n' = 2^ceil(log2(n_heads)) the candidate slopes are m_k = 2^(-k * b / n'), k = 1..n'.
+    For a power-of-two head count they are used in order; otherwise MPT takes the even-indexed
+    ones (m_2, m_4, ...) first, then the odd ones, until n_heads slopes are chosen.
+    """
+    if n_heads < 1:
+        raise ValueError(f"alibi_slopes: n_heads must be >= 1, got {n_heads}")
+    padded_heads = 2 ** math.ceil(math.log2(n_heads))
+    exponents = torch.arange(1, padded_heads + 1, dtype=torch.float32, device=device)
+    slopes = torch.pow(2.0, -exponents * (alibi_bias_max / padded_heads))
+    if padded_heads != n_heads:
+        slopes = torch.cat([slopes[1::2], slopes[0::2]])[:n_heads]
+    return slopes
+
+
+def alibi_bias(
+    slopes: torch.Tensor,
+    query_positions: torch.Tensor,
+    key_positions: torch.Tensor,
+    *,
+    symmetric: bool = False,
+) -> torch.Tensor:
+    """The additive score bias `-m_h * (i - j)`, or `-m_h * |i - j|` when `symmetric` (prefix-LM).
+
+    slopes: (H,); query_positions: (Sq,); key_positions: (Sk,). Returns (1, H, Sq, Sk) fp32.
+    For causal attention -m(i-j) differs from MPT's key-only bias by a per-row constant that
+    softmax cancels, so the outputs are MPT's.
+    """
+    relative = key_positions.to(torch.float32)[None, :] - query_positions.to(torch.float32)[:, None]
+    if symmetric:
+        relative = -relative.abs()
+    return (slopes.to(torch.float32)[:, None, None] * relative)[None]
+
+
+def alibi_score(slope: torch.Tensor, query_index: torch.Tensor, key_index: torch.Tensor, symmetric: bool):
+    """Elementwise form of `alibi_bias` for fused kernels (FlexAttention score_mod): one score's bias."""
+    relative = key_index - query_index
+    if symmetric:
+        relative = -relative.abs()
+    return slope * relative
