@@ -1,0 +1,431 @@
+"""The typed configuration of a training run, loaded from YAML plus `key=value` overrides.
+
+One `RunConfig` describes pretraining and fine-tuning alike. It is validated once, when loaded:
+an unknown key or a value of the wrong type stops the run before anything is built, with the
+file, line, dotted key path and, for misspellings, the closest known key.
+
+The `model` section is a preset name (or `init_from`, a pretrained directory or training
+checkpoint) plus any `MPTConfig` field as an override, e.g. `model.max_seq_len=4096` or
+`model.attn_config.alibi_bias_max=16`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """An invalid training config; the message says where and what was expected."""
+
+
+# ---- sections -----------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    # A preset of mptkit.model.presets (tiny, mpt-125m, mpt-350m, mpt-1b, mpt-7b, ...).
+    preset: str | None = "tiny"
+    # Start from trained weights: an HF-format directory (config.json + weights) or a training
+    # checkpoint directory of `mptkit train`. Its model config replaces `preset`.
+    init_from: str | None = None
+    # Every other key of the section: MPTConfig fields applied on top (validated by MPTConfig).
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    kind: Literal["pretrain", "finetune"] = "pretrain"
+    # pretrain: a shard directory made by `mptkit data`, or text files / globs that are tokenized
+    #   into shards under `{output_dir}/data/` the first time.
+    # finetune: JSONL files (instruct, chat or prompt/response records).
+    train: list[str] = field(default_factory=list)
+    val: list[str] = field(default_factory=list)
+    shuffle: bool = True
+    # A tokenizer.json; null means the bundled GPT-NeoX tokenizer of MPT.
+    tokenizer: str | None = None
+    # finetune: train on the prompt tokens too (MPT's recipe trains on responses only).
+    train_on_prompt: bool = False
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["adamw", "lion"] = "adamw"
+    lr: float = 6.0e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1.0e-8
+    # Decoupled weight decay: each step multiplies weights by (1 - weight_decay * lr / peak_lr),
+    # the convention of MosaicML's DecoupledAdamW / DecoupledLionW (independent of the lr scale).
+    weight_decay: float = 0.0
+    # Norm weights, biases and embeddings are not decayed unless asked.
+    decay_norms_and_biases: bool = False
+    decay_embeddings: bool = False
+
+
+@dataclass
+class ScheduleConfig:
+    name: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 0
+    # cosine / linear decay from the peak lr to peak * final_lr_ratio at the last step.
+    final_lr_ratio: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 100
+    # Sequences per optimizer step, over all ranks and accumulation steps.
+    global_batch_size: int = 8
+    # Sequences per forward pass on one rank; accumulation = global / (micro * world_size).
+    micro_batch_size: int = 8
+    # Shorter than the model's max_seq_len for cheap runs; null means model.max_seq_len.
+    seq_len: int | None = None
+    grad_clip_norm: float | None = 1.0
+    precision: Literal["fp32", "bf16"] = "bf16"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    activation_checkpointing: bool = False
+    # torch.compile each block (needs a C++ compiler on CPU, Triton on GPU).
+    compile: bool = False
+
+
+@dataclass
+class ParallelConfig:
+    # Under torchrun (WORLD_SIZE > 1) the model is sharded with FSDP2, one group per block.
+    # true frees the gathered block weights after forward (least memory); false keeps them until
+    # backward (less communication).
+    reshard_after_forward: bool = True
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+
+
+@dataclass
+class CheckpointConfig:
+    # null: {output_dir}/checkpoints
+    dir: str | None = None
+    # Steps between checkpoints; 0 saves only at the end.
+    interval: int = 100
+    keep_last_n: int = 2
+    # auto: continue from the newest complete checkpoint in `dir` if there is one;
+    # never: start fresh; anything else: the path of a checkpoint to resume from.
+    resume: str = "auto"
+
+
+@dataclass
+class EvalConfig:
+    # Steps between validation passes; 0 evaluates only at the end (when data.val is set).
+    interval: int = 0
+    max_batches: int = 20
+    micro_batch_size: int | None = None
+
+
+@dataclass
+class LoggingConfig:
+    interval: int = 1
+    progress_bar: bool = True
+    jsonl: bool = True
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "mptkit"
+    loss_curve_png: bool = True
+    # Peak FLOP/s for MFU; null measures a GEMM peak at start (CPU) or uses the GPU's datasheet.
+    peak_tflops: float | None = None
+
+
+@dataclass
+class AnomalyConfig:
+    # What a NaN/Inf loss or a loss spike does: stop the run (the last good checkpoint stays the
+    # newest) or skip that update and continue.
+    policy: Literal["stop", "skip"] = "stop"
+    # A spike is a loss above spike_factor * (running mean of recent losses); 0 disables.
+    spike_factor: float = 0.0
+    # Steps of history needed before spikes are judged (early losses fall fast).
+    spike_min_steps: int = 20
+    # With policy skip: stop anyway after this many skipped steps in a row.
+    max_consecutive_skips: int = 5
+
+
+@dataclass
+class RunConfig:
+    name: str = "mptkit-run"
+    output_dir: str = "out/run"
+    seed: int = 17
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    anomaly: AnomalyConfig = field(default_factory=AnomalyConfig)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir) if self.checkpoint.dir else Path(self.output_dir) / "checkpoints"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain YAML-ready dict (model overrides inlined, as in the file format)."""
+        out = dataclasses.asdict(self)
+        model = out.pop("model")
+        out["model"] = {"preset": model["preset"], "init_from": model["init_from"], **model["overrides"]}
+        out["optimizer"]["betas"] = list(out["optimizer"]["betas"])
+        return out
+
+
+# ---- loading ------------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML file (or start from defaults) and apply `a.b.c=value` overrides."""
+    raw: dict[str, Any] = {}
+    origins = _Origins()
+    if path is not None:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
+        try:
+            raw = yaml.safe_load(text) or {}
+            origins.index_yaml(path, yaml.compose(text))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. optimizer.lr=3e-4")
+        try:
+            value = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError:
+            value = text
+        _set_dotted(raw, key.split("."), value, item)
+        origins.add_override(key, item)
+    config = _build(RunConfig, raw, "", origins)
+    _check_relations(config, origins)
+    return config
+
+
+def _set_dotted(tree: dict, keys: list[str], value: Any, item: str) -> None:
+    for depth, key in enumerate(keys[:-1]):
+        child = tree.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {'.'.join(keys[: depth + 1])} is not a section")
+        tree = child
+    tree[keys[-1]] = value
+
+
+class _Origins:
+    """Where each dotted key came from (file:line or the command line), for error messages."""
+
+    def __init__(self):
+        self._where: dict[str, str] = {}
+        self._source = "config"
+
+    def index_yaml(self, path: Path, node: yaml.Node | None, prefix: str = "") -> None:
+        self._source = str(path)
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key = f"{prefix}{key_node.value}"
+                self._where[key] = f"{path}:{key_node.start_mark.line + 1}"
+                self.index_yaml(path, value_node, key + ".")
+
+    def add_override(self, key: str, item: str) -> None:
+        self._where[key] = f"override {item!r}"
+
+    def where(self, key: str) -> str:
+        while key:
+            if key in self._where:
+                return self._where[key]
+            key = key.rpartition(".")[0]
+        return self._source
+
+    def fail(self, key: str, message: str) -> typing.NoReturn:
+        raise ConfigError(f"{self.where(key)}: {key}: {message}")
+
+
+def _suggest(name: str, choices) -> str:
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _build(cls, values: Any, prefix: str, origins: _Origins):
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        origins.fail(prefix.rstrip(".") or "(top level)", f"expected a mapping, got {values!r}")
+    if cls is ModelConfig:
+        return _build_model(values, prefix, origins)
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        if key not in hints:
+            origins.fail(path, f"unknown key{_suggest(key, known)}; known keys: {', '.join(known)}")
+        kwargs[key] = _coerce(value, hints[key], path, origins)
+    return cls(**kwargs)
+
+
+def _model_config_fields() -> list[str]:
+    from mptkit.model import MPTConfig
+
+    params = inspect.signature(MPTConfig.__init__).parameters
+    return [name for name, p in params.items() if name != "self" and p.kind is p.POSITIONAL_OR_KEYWORD]
+
+
+def _build_model(values: dict, prefix: str, origins: _Origins) -> ModelConfig:
+    fields = _model_config_fields()
+    preset = values.get("preset", ModelConfig.preset)
+    init_from = values.get("init_from")
+    for key, value in (("preset", preset), ("init_from", init_from)):
+        if value is not None and not isinstance(value, str):
+            origins.fail(f"{prefix}{key}", f"expected a string or null, got {value!r}")
+    if preset is None and init_from is None:
+        origins.fail(f"{prefix}preset", "set a preset or init_from")
+    if preset is not None and init_from is None:
+        from mptkit.model.presets import PRESETS
+
+        if preset not in PRESETS:
+            origins.fail(f"{prefix}preset", f"unknown preset {preset!r}{_suggest(preset, PRESETS)}; "
+                         f"choose one of {', '.join(PRESETS)}")
+    overrides = {k: v for k, v in values.items() if k not in ("preset", "init_from")}
+    for key in overrides:
+        if key not in fields:
+            origins.fail(f"{prefix}{key}", f"not an MPTConfig field{_suggest(key, fields)}; "
+                         f"known: preset, init_from, {', '.join(fields)}")
+    if init_from is None:
+        # Building the config here validates the field values (MPTConfig checks them itself).
+        from mptkit.model import MPTConfig
+
+        try:
+            MPTConfig.from_preset(preset, **_copy(overrides))
+        except (ValueError, TypeError) as exc:
+            # MPTConfig names the field as "MPTConfig.attn_config.alibi_bias_max: ..."
+            named = re.match(r"MPTConfig\.([\w.]+): (.*)", str(exc), re.S)
+            key, message = named.groups() if named else ("", str(exc))
+            origins.fail(f"{prefix}{key}".rstrip("."), message)
+    return ModelConfig(preset=preset, init_from=init_from, overrides=overrides)
+
+
+def _copy(value):
+    return {k: _copy(v) for k, v in value.items()} if isinstance(value, dict) else value
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(c) for c in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    if origin in (list, tuple, dict):
+        return {list: "a list", tuple: "a list", dict: "a mapping"}[origin]
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp, path: str, origins: _Origins):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path + ".", origins)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, path, origins)
+            except ConfigError:
+                pass
+        origins.fail(path, f"expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value in args:
+            return value
+        origins.fail(path, f"expected one of {', '.join(map(repr, args))}, got {value!r}{_suggest(value, args)}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # PyYAML reads `6e-4` (no dot) as a string; accept what float() accepts.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif origin is list:
+        items = [value] if isinstance(value, str) else value
+        if isinstance(items, list):
+            return [_coerce(v, args[0], f"{path}[{i}]", origins) for i, v in enumerate(items)]
+    elif origin is tuple:
+        if isinstance(value, (list, tuple)) and len(value) == len(args):
+            return tuple(_coerce(v, a, f"{path}[{i}]", origins) for i, (v, a) in enumerate(zip(value, args)))
+        origins.fail(path, f"expected a list of {len(args)} values, got {value!r}")
+    elif origin is dict:
+        if isinstance(value, dict):
+            return value
+    origins.fail(path, f"expected {_type_name(tp)}, got {value!r}")
+
+
+def _check_relations(config: RunConfig, origins: _Origins) -> None:
+    """Checks that involve more than one field (the world size is checked when training starts)."""
+    positive = {
+        "train.max_steps": config.train.max_steps,
+        "train.global_batch_size": config.train.global_batch_size,
+        "train.micro_batch_size": config.train.micro_batch_size,
+        "checkpoint.keep_last_n": config.checkpoint.keep_last_n,
+        "eval.max_batches": config.eval.max_batches,
+        "logging.interval": config.logging.interval,
+        "optimizer.lr": config.optimizer.lr,
+    }
+    if config.train.seq_len is not None:
+        positive["train.seq_len"] = config.train.seq_len
+    for key, value in positive.items():
+        if value <= 0:
+            origins.fail(key, f"expected a positive value, got {value!r}")
+    non_negative = {
+        "schedule.warmup_steps": config.schedule.warmup_steps,
+        "checkpoint.interval": config.checkpoint.interval,
+        "eval.interval": config.eval.interval,
+        "optimizer.weight_decay": config.optimizer.weight_decay,
+        "anomaly.spike_factor": config.anomaly.spike_factor,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            origins.fail(key, f"expected a value >= 0, got {value!r}")
+    if config.train.global_batch_size % config.train.micro_batch_size:
+        origins.fail("train.global_batch_size", f"{config.train.global_batch_size} is not a multiple of "
+                     f"train.micro_batch_size={config.train.micro_batch_size}")
+    if config.schedule.warmup_steps > config.train.max_steps:
+        origins.fail("schedule.warmup_steps", f"{config.schedule.warmup_steps} exceeds train.max_steps="
+                     f"{config.train.max_steps}")
+    if not 0.0 <= config.schedule.final_lr_ratio <= 1.0:
+        origins.fail("schedule.final_lr_ratio", f"expected a value in [0, 1], got {config.schedule.final_lr_ratio}")
+    for i, beta in enumerate(config.optimizer.betas):
+        if not 0.0 <= beta < 1.0:
+            origins.fail("optimizer.betas", f"betas[{i}] must be in [0, 1), got {beta}")
+    if config.train.grad_clip_norm is not None and config.train.grad_clip_norm <= 0:
+        origins.fail("train.grad_clip_norm", "expected a positive number or null (no clipping)")
+    if config.anomaly.spike_factor and config.anomaly.spike_factor <= 1.0:
+        origins.fail("anomaly.spike_factor", f"expected 0 (off) or a factor > 1, got {config.anomaly.spike_factor}")
+    if not config.data.train:
+        origins.fail("data.train", "no training data: give a shard directory or files")
