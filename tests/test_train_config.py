@@ -1,0 +1,95 @@
+"""The training config: every example YAML validates; mistakes fail early with place and hint."""
+
+from pathlib import Path
+
+import pytest
+
+from mptkit.train.config import ConfigError, RunConfig, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = sorted((REPO / "configs").rglob("*.yaml"))
+
+
+def test_the_example_configs_exist():
+    names = {p.relative_to(REPO / "configs").as_posix() for p in EXAMPLES}
+    expected = {f"pretrain/{n}.yaml" for n in ("tiny", "125m", "1b", "7b")}
+    expected |= {f"finetune/{n}.yaml" for n in ("instruct", "chat", "storywriter")}
+    assert expected <= names
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.relative_to(REPO / "configs").as_posix())
+def test_every_example_config_validates(path):
+    config = load_config(path)
+    assert isinstance(config, RunConfig)
+    assert config.data.train
+
+
+def test_storywriter_raises_context_and_alibi_bias_max():
+    config = load_config(REPO / "configs/finetune/storywriter.yaml")
+    assert config.model.overrides["max_seq_len"] == 65536
+    assert config.model.overrides["attn_config"]["alibi_bias_max"] == 16
+
+
+def _write(tmp_path, text: str) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+BASE = "data:\n  train: [some/shards]\n"
+
+
+def test_unknown_key_names_file_line_path_and_suggestion(tmp_path):
+    path = _write(tmp_path, BASE + "optimizer:\n  name: adamw\n  lr: 1.0e-3\n  weight_decya: 0.1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert f"{path}:6" in message and "optimizer.weight_decya" in message and "did you mean 'weight_decay'" in message
+
+
+def test_unknown_section_and_bad_choice(tmp_path):
+    with pytest.raises(ConfigError, match=r"optimiser.*did you mean 'optimizer'"):
+        load_config(_write(tmp_path, BASE + "optimiser:\n  lr: 1.0\n"))
+    with pytest.raises(ConfigError, match=r"schedule.name: expected one of 'cosine', 'linear', 'constant', got 'cosin'.*"
+                                          r"did you mean 'cosine'"):
+        load_config(_write(tmp_path, BASE + "schedule:\n  name: cosin\n"))
+
+
+def test_wrong_types_say_what_was_expected(tmp_path):
+    with pytest.raises(ConfigError, match=r"run.yaml:4: train.max_steps: expected an integer, got 'lots'"):
+        load_config(_write(tmp_path, BASE + "train:\n  max_steps: lots\n"))
+    with pytest.raises(ConfigError, match=r"train.activation_checkpointing: expected true or false"):
+        load_config(_write(tmp_path, BASE + "train:\n  activation_checkpointing: 3\n"))
+    with pytest.raises(ConfigError, match=r"optimizer.betas: expected a list of 2 values"):
+        load_config(_write(tmp_path, BASE + "optimizer:\n  betas: [0.9]\n"))
+
+
+def test_dotted_overrides_apply_and_are_checked(tmp_path):
+    path = _write(tmp_path, BASE + "optimizer:\n  lr: 1.0e-3\n")
+    # `3e-4` without a dot is a string to YAML 1.1; a float field accepts it.
+    config = load_config(path, ["optimizer.lr=3e-4", "train.max_steps=7", "model.attn_config.alibi_bias_max=16",
+                                "checkpoint.resume=never"])
+    assert config.optimizer.lr == 3e-4 and config.train.max_steps == 7 and config.checkpoint.resume == "never"
+    assert config.model.overrides == {"attn_config": {"alibi_bias_max": 16}}
+    with pytest.raises(ConfigError, match=r"override 'train.max_stpes=3': train.max_stpes: unknown key.*'max_steps'"):
+        load_config(path, ["train.max_stpes=3"])
+    with pytest.raises(ConfigError, match=r"expected key=value"):
+        load_config(path, ["train.max_steps"])
+
+
+def test_model_fields_are_validated_by_the_model_config(tmp_path):
+    with pytest.raises(ConfigError, match=r"run.yaml:5: model.max_seq_lne: not an MPTConfig field.*'max_seq_len'"):
+        load_config(_write(tmp_path, BASE + "model:\n  preset: tiny\n  max_seq_lne: 512\n"))
+    with pytest.raises(ConfigError, match=r"model.attn_config.alibi_bias_max: expected > 0"):
+        load_config(_write(tmp_path, BASE + "model:\n  attn_config:\n    alibi_bias_max: -1\n"))
+    with pytest.raises(ConfigError, match=r"model.preset: unknown preset 'mpt-7bb'.*did you mean 'mpt-7b'"):
+        load_config(_write(tmp_path, BASE + "model:\n  preset: mpt-7bb\n"))
+
+
+def test_relations_between_fields(tmp_path):
+    with pytest.raises(ConfigError, match=r"train.global_batch_size: 10 is not a multiple of train.micro_batch_size=4"):
+        load_config(_write(tmp_path, BASE + "train:\n  global_batch_size: 10\n  micro_batch_size: 4\n"))
+    with pytest.raises(ConfigError, match=r"schedule.warmup_steps: 50 exceeds train.max_steps=10"):
+        load_config(_write(tmp_path, BASE + "train:\n  max_steps: 10\nschedule:\n  warmup_steps: 50\n"))
+    with pytest.raises(ConfigError, match=r"data.train: no training data"):
+        load_config(_write(tmp_path, "train:\n  max_steps: 10\n"))
