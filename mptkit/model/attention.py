@@ -28,7 +28,9 @@ class MaskSpec:
     `query_start .. query_start + Sq - 1`. Every per-token tensor covers all Sk keys.
     """
 
-    query_start: int = 0
+    # An int, or a 0-d tensor: a compiled decode step then reads its position from the tensor
+    # and does not recompile when the position moves.
+    query_start: int | torch.Tensor = 0
     causal: bool = True
     key_padding: torch.Tensor | None = None  # (B, Sk) bool, True = a real token
     sequence_id: torch.Tensor | None = None  # (B, Sk) int, attention stays inside one document
@@ -37,7 +39,7 @@ class MaskSpec:
 
     def allowed(self, num_queries: int, num_keys: int, device) -> torch.Tensor | None:
         """Dense boolean mask (B or 1, 1, Sq, Sk), True = may attend; None when nothing is masked."""
-        query_index = torch.arange(self.query_start, self.query_start + num_queries, device=device)[:, None]
+        query_index = (self.query_start + torch.arange(num_queries, device=device))[:, None]
         key_index = torch.arange(num_keys, device=device)[None, :]
         allowed = None
 
@@ -81,12 +83,12 @@ def _dense_bias(q, k, mask: MaskSpec, alibi_slopes, alibi_symmetric) -> torch.Te
     num_queries, num_keys = q.shape[-2], k.shape[-2]
     bias = None
     if alibi_slopes is not None:
-        query_positions = torch.arange(mask.query_start, mask.query_start + num_queries, device=q.device)
+        query_positions = mask.query_start + torch.arange(num_queries, device=q.device)
         key_positions = torch.arange(num_keys, device=q.device)
         bias = alibi_bias(alibi_slopes, query_positions, key_positions, symmetric=alibi_symmetric)
     allowed = mask.allowed(num_queries, num_keys, q.device)
     if allowed is not None:
-        blocked = torch.zeros(allowed.shape, dtype=torch.float32, device=q.device)
+        blocked = torch.zeros(allowed.shape, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
         blocked.masked_fill_(~allowed, float("-inf"))
         bias = blocked if bias is None else bias + blocked
     return bias
@@ -96,7 +98,9 @@ def torch_attention(q, k, v, *, mask, alibi_slopes, alibi_symmetric, softmax_sca
     """Reference path: q (B, H, Sq, D), k/v (B, Hkv, Sk, D) -> (B, H, Sq, D)."""
     n_heads = q.shape[1]
     k, v = _expand_kv(k, n_heads), _expand_kv(v, n_heads)
-    scores = torch.matmul(q, k.transpose(-1, -2)).float() * softmax_scale  # (B, H, Sq, Sk)
+    # softmax in fp32 at least (float64 stays float64 for exactness tests)
+    scores = torch.matmul(q, k.transpose(-1, -2)).to(torch.promote_types(q.dtype, torch.float32))
+    scores = scores * softmax_scale  # (B, H, Sq, Sk)
     bias = _dense_bias(q, k, mask, alibi_slopes, alibi_symmetric)
     if bias is not None:
         scores = scores + bias
