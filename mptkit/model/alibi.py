@@ -12,8 +12,8 @@ import math
 import torch
 
 
-def alibi_slopes(n_heads: int, alibi_bias_max: float = 8.0, device=None) -> torch.Tensor:
-    """MPT's per-head slopes, shape (n_heads,), fp32.
+def alibi_slopes(n_heads: int, alibi_bias_max: float = 8.0, device=None, dtype=torch.float32) -> torch.Tensor:
+    """MPT's per-head slopes, shape (n_heads,), computed in float64 and returned in `dtype`.
 
     With n' = 2^ceil(log2(n_heads)) the candidate slopes are m_k = 2^(-k * b / n'), k = 1..n'.
     For a power-of-two head count they are used in order; otherwise MPT takes the even-indexed
@@ -22,11 +22,11 @@ def alibi_slopes(n_heads: int, alibi_bias_max: float = 8.0, device=None) -> torc
     if n_heads < 1:
         raise ValueError(f"alibi_slopes: n_heads must be >= 1, got {n_heads}")
     padded_heads = 2 ** math.ceil(math.log2(n_heads))
-    exponents = torch.arange(1, padded_heads + 1, dtype=torch.float32, device=device)
+    exponents = torch.arange(1, padded_heads + 1, dtype=torch.float64, device=device)
     slopes = torch.pow(2.0, -exponents * (alibi_bias_max / padded_heads))
     if padded_heads != n_heads:
         slopes = torch.cat([slopes[1::2], slopes[0::2]])[:n_heads]
-    return slopes
+    return slopes.to(dtype)
 
 
 def alibi_bias(
@@ -38,14 +38,16 @@ def alibi_bias(
 ) -> torch.Tensor:
     """The additive score bias `-m_h * (i - j)`, or `-m_h * |i - j|` when `symmetric` (prefix-LM).
 
-    slopes: (H,); query_positions: (Sq,); key_positions: (Sk,). Returns (1, H, Sq, Sk) fp32.
+    slopes: (H,); query_positions: (Sq,); key_positions: (Sk,). Returns (1, H, Sq, Sk) in fp32, or
+    in the slopes' dtype when that is wider.
     For causal attention -m(i-j) differs from MPT's key-only bias by a per-row constant that
     softmax cancels, so the outputs are MPT's.
     """
-    relative = key_positions.to(torch.float32)[None, :] - query_positions.to(torch.float32)[:, None]
+    dtype = torch.promote_types(slopes.dtype, torch.float32)
+    relative = key_positions.to(dtype)[None, :] - query_positions.to(dtype)[:, None]
     if symmetric:
         relative = -relative.abs()
-    return (slopes.to(torch.float32)[:, None, None] * relative)[None]
+    return (slopes.to(dtype)[:, None, None] * relative)[None]
 
 
 def alibi_score(slope: torch.Tensor, query_index: torch.Tensor, key_index: torch.Tensor, symmetric: bool):

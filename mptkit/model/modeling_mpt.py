@@ -86,10 +86,10 @@ def token_positions(
     return torch.arange(past_length, past_length + length, device=device).expand(batch, length)
 
 
-def rope_angles(positions: torch.Tensor, head_dim: int, theta: float):
-    """cos, sin of shape (B, 1, S, head_dim) for rotate-half (GPT-NeoX style) RoPE, in fp32."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    angles = positions.to(torch.float32)[..., None] * inv_freq  # (B, S, D/2)
+def rope_angles(positions: torch.Tensor, head_dim: int, theta: float, dtype=torch.float32):
+    """cos, sin of shape (B, 1, S, head_dim) for rotate-half (GPT-NeoX style) RoPE."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=dtype) / head_dim)
+    angles = positions.to(dtype)[..., None] * inv_freq  # (B, S, D/2)
     angles = torch.cat([angles, angles], dim=-1)[:, None]
     return angles.cos(), angles.sin()
 
@@ -97,7 +97,7 @@ def rope_angles(positions: torch.Tensor, head_dim: int, theta: float):
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+    return (x.to(cos.dtype) * cos + rotated.to(cos.dtype) * sin).to(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -360,8 +360,13 @@ class MPTModel(MPTPreTrainedModel):
             prefix=prefix_mask.bool() if self.prefix_lm and prefix_mask is not None else None,
             sliding_window=self.sliding_window,
         )
-        slopes = alibi_slopes(self.config.n_heads, self.alibi_bias_max, device=x.device) if self.alibi else None
-        rope = rope_angles(positions, self.config.head_dim, self.rope_theta) if self.rope_theta is not None else None
+        slopes = None
+        if self.alibi:
+            wide = torch.promote_types(x.dtype, torch.float32)
+            slopes = alibi_slopes(self.config.n_heads, self.alibi_bias_max, device=x.device, dtype=wide)
+        rope = None
+        if self.rope_theta is not None:
+            rope = rope_angles(positions, self.config.head_dim, self.rope_theta, torch.promote_types(x.dtype, torch.float32))
 
         for block in self.blocks:
             if self.gradient_checkpointing and self.training:
