@@ -1,0 +1,1 @@
+"""Evaluation: perplexity (nonoverlapping and sliding), length extrapolation, multiple choice."""
