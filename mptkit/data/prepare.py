@@ -40,7 +40,7 @@ from mptkit.data.shards import (
     token_dtype,
 )
 from mptkit.data.sources import Segment, can_cut_documents, iter_segments, resolve_inputs
-from mptkit.data.tokenizer import load_tokenizer, plain_backend, tokenizer_fingerprint, tokenizer_size
+from mptkit.data.tokenizer import backend_fingerprint, load_tokenizer, plain_backend, tokenizer_size
 
 logger = logging.getLogger("mptkit.data")
 
@@ -136,8 +136,8 @@ def prepare_pretraining(
         samples_per_shard = max(1, DEFAULT_SHARD_BYTES // (seq_len * dtype.itemsize))
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be positive, got {samples_per_shard}")
-    spec = json.loads(tok.backend_tokenizer.to_str())
     backend = plain_backend(tok)
+    spec = json.loads(backend.to_str())
     encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
     cut_chars = piece_chars if can_cut_documents(spec) else None
 
@@ -145,7 +145,7 @@ def prepare_pretraining(
     settings = json.loads(json.dumps({
         "inputs": [s.describe() | ({"rows": len(s.rows)} if hasattr(s.rows, "__len__") else {}) for s in sources],
         "text_field": text_field, "seq_len": seq_len, "samples_per_shard": samples_per_shard,
-        "dtype": dtype.str, "eos_id": eos_id, "tokenizer_fingerprint": tokenizer_fingerprint(tok),
+        "dtype": dtype.str, "eos_id": eos_id, "tokenizer_fingerprint": backend_fingerprint(backend),
         "piece_chars": cut_chars,
     }))
 

@@ -176,10 +176,10 @@ def iter_jsonl_rows(source: Source, policy: ErrorPolicy, index: int = 0) -> Iter
                                         got=f"invalid byte 0x{raw[e.start:e.start + 1].hex()} at byte {e.start + 1}").at((index, line_no)))
                 continue
             try:
-                row = json.loads(text)
+                row = json.loads(text.rstrip("\r\n"))
             except json.JSONDecodeError as e:
                 policy.handle(DataError("malformed_json", source.name, "one JSON object per line", **where,
-                                        got=f"{e.msg} at column {e.colno}").at((index, line_no)))
+                                        got=str(e)).at((index, line_no)))
                 continue
             if not isinstance(row, dict):
                 policy.handle(DataError("wrong_type", source.name, "a JSON object", **where,

@@ -9,7 +9,6 @@ special tokens (added after the base vocabulary when missing, as mpt-7b-chat did
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Iterable, Sequence
 from importlib import resources
@@ -131,14 +130,15 @@ def plain_backend(tokenizer: PreTrainedTokenizerFast) -> Tokenizer:
     return backend
 
 
+def backend_fingerprint(backend: Tokenizer) -> str:
+    """sha256 of a Rust tokenizer's serialization (vocabulary, merges, added tokens, pipeline)."""
+    return "sha256:" + hashlib.sha256(backend.to_str().encode("utf-8")).hexdigest()
+
+
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerFast) -> str:
-    """sha256 of the tokenizer's vocabulary, merges, added tokens and pipeline (not of runtime
-    truncation/padding settings), recorded in shard metadata to catch a mismatched tokenizer."""
-    spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    spec.pop("truncation", None)
-    spec.pop("padding", None)
-    canonical = json.dumps(spec, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return "sha256:" + hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    """Identifies the token mapping, not runtime truncation/padding settings; recorded in shard
+    metadata to catch a mismatched tokenizer."""
+    return backend_fingerprint(plain_backend(tokenizer))
 
 
 def train_tokenizer(
