@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-SUBCOMMANDS = ("perplexity", "extrapolate", "multiple-choice")
+SUBCOMMANDS = ("perplexity", "extrapolate", "multiple-choice", "harness-task")
 
 
 def main(command: str, argv: list[str]) -> int:
@@ -69,6 +69,12 @@ def _parser() -> argparse.ArgumentParser:
     mc.add_argument("--batch-size", type=int, default=16)
     mc.add_argument("--predictions", type=Path, help="write per-example scores as JSONL here")
     mc.set_defaults(run=_multiple_choice)
+
+    task = sub.add_parser("harness-task", help="write an lm-evaluation-harness task YAML for a multiple-choice JSONL")
+    task.add_argument("data", type=Path, help="JSONL file, one {context, choices, label} per line")
+    task.add_argument("--name", required=True, help="task name (letters, digits, underscores)")
+    task.add_argument("--out", type=Path, required=True, help="folder to pass to lm_eval --include_path")
+    task.set_defaults(run=_harness_task)
     return parser
 
 
@@ -151,4 +157,17 @@ def _multiple_choice(args) -> int:
     if args.predictions:
         args.predictions.parent.mkdir(parents=True, exist_ok=True)
         args.predictions.write_text("".join(json.dumps(p) + "\n" for p in result.predictions))
+    return 0
+
+
+def _harness_task(args) -> int:
+    from mptkit.eval.multiple_choice import harness_task_yaml, read_examples
+
+    examples = read_examples(args.data)  # validate before handing it to the harness
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{args.name}.yaml"
+    path.write_text(harness_task_yaml(args.data, args.name))
+    print(f"wrote {path} ({len(examples)} examples); run:\n  lm_eval --model hf --model_args "
+          f"pretrained=MODEL_DIR,trust_remote_code=True,dtype=float32 --tasks {args.name} "
+          f"--include_path {args.out} --device cpu --batch_size 8")
     return 0

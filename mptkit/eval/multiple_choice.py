@@ -174,3 +174,32 @@ def evaluate_multiple_choice(
         )
     n = len(examples)
     return MultipleChoiceResult(n, correct / n, correct_norm / n, predictions)
+
+
+def harness_task_yaml(jsonl_path: str | Path, task_name: str) -> str:
+    """An lm-evaluation-harness task definition for one of our multiple-choice files, read
+    offline through the `json` dataset builder. The harness joins context and choice with no
+    delimiter, as we do: put the separating space at the start of each choice."""
+    if not task_name.replace("_", "").isalnum():
+        raise ValueError(f"task name must be letters, digits and underscores, got {task_name!r}")
+    data_file = json.dumps(str(Path(jsonl_path).resolve()))
+    return (
+        f"task: {task_name}\n"
+        "dataset_path: json\n"
+        "dataset_kwargs:\n"
+        "  data_files:\n"
+        f"    test: {data_file}\n"
+        "test_split: test\n"
+        "output_type: multiple_choice\n"
+        'doc_to_text: "{{context}}"\n'
+        'doc_to_choice: "{{choices}}"\n'
+        "doc_to_target: label\n"
+        'target_delimiter: ""\n'
+        "metric_list:\n"
+        "  - metric: acc\n"
+        "    aggregation: mean\n"
+        "    higher_is_better: true\n"
+        "  - metric: acc_norm\n"
+        "    aggregation: mean\n"
+        "    higher_is_better: true\n"
+    )
