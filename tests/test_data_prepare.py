@@ -204,13 +204,14 @@ def test_bad_jsonl_skip_mode_summarises(tok, tmp_path):
 
 def test_bad_text_files(tok, tmp_path):
     (tmp_path / "empty.txt").write_text("  \n\n")
+    (tmp_path / "zero.txt").write_bytes(b"")
     (tmp_path / "latin1.txt").write_bytes(b"line one\nline two caf\xe9\nline three\n")
     with pytest.raises(DataError, match=r"empty\.txt: expected a file with some text"):
         run([str(tmp_path / "empty.txt"), str(tmp_path / "latin1.txt")], tmp_path / "o1", seq_len=2, on_error="fail")
     with pytest.raises(DataError, match=r"latin1\.txt, line 2: expected UTF-8 text, got invalid byte 0xe9"):
         run([str(tmp_path / "latin1.txt")], tmp_path / "o2", seq_len=2, on_error="fail")
-    index = run([str(tmp_path / "empty.txt"), str(tmp_path / "latin1.txt")], tmp_path / "o3", seq_len=2)
-    assert index["skipped"]["by_kind"] == {"empty_file": 1, "not_utf8": 1}
+    index = run([str(tmp_path / p) for p in ("empty.txt", "zero.txt", "latin1.txt")], tmp_path / "o3", seq_len=2)
+    assert index["skipped"]["by_kind"] == {"empty_file": 2, "not_utf8": 1}
     # The invalid byte is dropped, the rest of the file kept.
     assert index["tokens_tokenized"] == len(direct_stream(tok, ["line one\nline two caf\nline three\n"]))
 

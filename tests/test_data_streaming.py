@@ -114,6 +114,12 @@ def test_workers_split_without_duplicates_and_keep_order(shards):
     assert len(rows) == ds.num_samples and len(set(map(tuple, rows))) == len(set(map(tuple, raw_samples(shards))))
 
 
+def test_plain_dataloader_with_workers_is_refused(shards):
+    # Workers of a plain DataLoader would leave state_dict() at the start: refuse loudly.
+    with pytest.raises(RuntimeError, match="make_dataloader"):
+        next(iter(DataLoader(StreamingTokenDataset(shards), batch_size=2, num_workers=1)))
+
+
 def test_finite_epochs_give_every_rank_the_same_count(shards):
     n = StreamingTokenDataset(shards).num_samples
     assert len(list(StreamingTokenDataset(shards, epochs=2))) == 2 * n

@@ -146,7 +146,7 @@ def _iter_text(index: int, source: Source, policy: ErrorPolicy, piece_chars: int
                 text = decoder.decode(block, final=not block)
             lines_before += block.count(b"\n")
             pending += text
-            has_content = has_content or not pending.isspace()
+            has_content = has_content or (bool(pending) and not pending.isspace())
             if piece_chars is not None and has_content:
                 pieces, pending = _split_text(pending, piece_chars)
                 for text_piece in pieces:

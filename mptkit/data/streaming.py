@@ -87,6 +87,7 @@ class StreamingTokenDataset(IterableDataset):
         self._block_cache: tuple[int, int, np.ndarray] | None = None  # epoch, block, permutation
         self.start = 0  # global position where the next iteration begins
         self._consumed = 0  # rank items consumed since `start`
+        self._loader_counts = False  # set while make_dataloader's loader starts its workers
 
     def __getstate__(self) -> dict:
         # Worker processes open their own memory maps.
@@ -181,6 +182,10 @@ class StreamingTokenDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         worker = get_worker_info()
         workers, worker_id = (1, 0) if worker is None else (worker.num_workers, worker.id)
+        if worker is not None and not self._loader_counts:
+            raise RuntimeError("StreamingTokenDataset in DataLoader workers: build the loader with "
+                               "mptkit.data.streaming.make_dataloader so that state_dict() counts what "
+                               "was consumed (and workers keep the batch order)")
         if worker is None:  # count here only when iterated in the main process
             self.start, self._consumed = self.position, 0
         total = self._rank_items()
@@ -205,7 +210,12 @@ class _CountingDataLoader(DataLoader):
     def __iter__(self):
         dataset: StreamingTokenDataset = self.dataset
         dataset.start, dataset._consumed = dataset.position, 0
-        for batch in super().__iter__():
+        dataset._loader_counts = True  # copied into the workers started here
+        try:
+            batches = super().__iter__()
+        finally:
+            dataset._loader_counts = False
+        for batch in batches:
             dataset.mark_consumed(len(batch["input_ids"]))
             yield batch
 
