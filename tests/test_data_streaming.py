@@ -1,5 +1,6 @@
 """Streaming loader: order, rank/worker split, resume, remote URLs (mptkit.data.streaming)."""
 
+import gc
 import itertools
 import json
 from pathlib import Path
@@ -114,10 +115,15 @@ def test_workers_split_without_duplicates_and_keep_order(shards):
     assert len(rows) == ds.num_samples and len(set(map(tuple, rows))) == len(set(map(tuple, raw_samples(shards))))
 
 
-def test_plain_dataloader_with_workers_is_refused(shards):
+def test_plain_dataloader_with_workers_is_refused(shards, monkeypatch):
     # Workers of a plain DataLoader would leave state_dict() at the start: refuse loudly.
+    # (A shorter status interval only makes shutting the failed worker down quicker.)
+    monkeypatch.setattr(torch.utils.data._utils, "MP_STATUS_CHECK_INTERVAL", 0.2)
+    iterator = iter(DataLoader(StreamingTokenDataset(shards), batch_size=2, num_workers=1))
     with pytest.raises(RuntimeError, match="make_dataloader"):
-        next(iter(DataLoader(StreamingTokenDataset(shards), batch_size=2, num_workers=1)))
+        next(iterator)
+    del iterator
+    gc.collect()
 
 
 def test_finite_epochs_give_every_rank_the_same_count(shards):
