@@ -53,8 +53,15 @@ class DataConfig:
     shuffle: bool = True
     # A tokenizer.json; null means the bundled GPT-NeoX tokenizer of MPT.
     tokenizer: str | None = None
-    # finetune: train on the prompt tokens too (MPT's recipe trains on responses only).
+    # finetune: record format (auto picks per row: chat "messages", or prompt/response and dolly rows).
+    format: Literal["auto", "prompt_response", "chat"] = "auto"
+    # finetune: train the last response of each example, or every assistant turn of a chat.
+    train_on: Literal["last", "all"] = "last"
+    # finetune: also train on the prompt tokens (MPT's recipe trains on responses only).
     train_on_prompt: bool = False
+    # finetune: pack several examples per sequence (set model.attn_config.attn_uses_sequence_id
+    # so that they do not attend to each other).
+    packing: bool = False
 
 
 @dataclass

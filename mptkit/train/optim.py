@@ -116,3 +116,22 @@ def build_scheduler(optimizer: torch.optim.Optimizer, schedule: ScheduleConfig, 
         return lr_factor(step, schedule, max_steps)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict]:
+    """Each parameter group's settings (lr, betas, decay, ...), without its parameters."""
+    return [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
+
+
+def reapply_hyperparameters(optimizer: torch.optim.Optimizer, scheduler, configured: list[dict]) -> None:
+    """After a checkpoint load, let the run's config win over the saved settings.
+
+    Loading restores the optimizer's saved hyperparameters; a resumed run may change the lr, betas,
+    decay or schedule, so the configured ones are put back and the lr recomputed at the restored
+    position of the schedule (with unchanged settings this reproduces the saved values exactly).
+    """
+    for group, settings in zip(optimizer.param_groups, configured):
+        group.update(settings)
+    scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["lr"] = group["initial_lr"] * factor(scheduler.last_epoch)

@@ -1,0 +1,226 @@
+"""Sharded, atomic training checkpoints with torch.distributed.checkpoint (DCP).
+
+Layout of a checkpoint directory `step_00000100/`:
+    .metadata, __{rank}_0.distcp   DCP: model and optimizer (sharded as trained, reshardable on
+                                   load), scheduler, trainer counters, data-loader position, and
+                                   each rank's RNG states
+    model_config.json              the MPTConfig, so `mptkit export` can rebuild the model
+    run_config.yaml                the training config that wrote it
+
+Atomicity: every rank writes into `.tmp-step_00000100/`; once DCP has written its `.metadata`
+(after all ranks finished), rank 0 fsyncs and renames the directory to its final name. A crash at
+any point before the rename leaves only a temp directory, which is ignored and later removed, so the
+newest `step_*` directory is always complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import yaml
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+
+from .parallel import DistributedEnv, barrier
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+_TEMP_PREFIX = ".tmp-"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def is_checkpoint(path: Path) -> bool:
+    """A complete DCP checkpoint: DCP writes `.metadata` last, after every rank's data."""
+    return (Path(path) / ".metadata").is_file()
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """Complete checkpoints in `directory`, oldest first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [
+        (int(match.group(1)), path)
+        for path in directory.iterdir()
+        if (match := _STEP_DIR.match(path.name)) and is_checkpoint(path)
+    ]
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    found = list_checkpoints(directory)
+    return found[-1] if found else None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, or a directory of them (its newest)."""
+    path = Path(path)
+    if is_checkpoint(path):
+        return path
+    newest = latest_checkpoint(path)
+    if newest is None:
+        raise FileNotFoundError(f"{path}: neither a checkpoint (no .metadata) nor a directory holding step_* checkpoints")
+    return newest
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+@contextlib.contextmanager
+def _single_process_quietly():
+    """DCP warns on every single-process save/load, which is intended use here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class Checkpointer:
+    """Saves and restores the whole training state; keeps the newest `keep_last_n`."""
+
+    def __init__(self, directory: Path, keep_last_n: int, env: DistributedEnv):
+        self.directory = Path(directory)
+        self.keep_last_n = keep_last_n
+        self.env = env
+
+    def remove_incomplete(self) -> None:
+        """Delete temp directories left by a crash during a save."""
+        if self.env.is_main and self.directory.is_dir():
+            for path in self.directory.iterdir():
+                if path.name.startswith(_TEMP_PREFIX):
+                    shutil.rmtree(path, ignore_errors=True)
+        barrier(self.env)
+
+    def _state(self, model, optimizer, scheduler, trainer: dict, data: dict) -> dict[str, Any]:
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        return {
+            "model": model_state,
+            "optimizer": optimizer_state,
+            "scheduler": scheduler.state_dict(),
+            # JSON text keeps these small nested states single entries (DCP would split dicts).
+            "trainer": json.dumps(trainer),
+            "data": json.dumps(data),
+            # RNG streams differ per rank, so each rank saves its own under its own key.
+            f"rng_rank{self.env.rank}": rng_state(self.env.device),
+        }
+
+    def save(self, step: int, model, optimizer, scheduler, trainer: dict, data: dict,
+             model_config_json: str, run_config: dict) -> Path:
+        final = self.directory / checkpoint_name(step)
+        temp = self.directory / f"{_TEMP_PREFIX}{final.name}"
+        if self.env.is_main:
+            shutil.rmtree(temp, ignore_errors=True)
+            temp.mkdir(parents=True)
+        barrier(self.env)
+        state = self._state(model, optimizer, scheduler, trainer, data)
+        with _single_process_quietly():
+            dcp.save(state, storage_writer=dcp.FileSystemWriter(temp, sync_files=True),
+                     no_dist=not self.env.is_distributed)
+        if self.env.is_main:
+            _write_synced(temp / "model_config.json", model_config_json)
+            _write_synced(temp / "run_config.yaml", yaml.safe_dump(run_config, sort_keys=False))
+            _fsync_dir(temp)
+            if final.exists():  # the same step saved before (a resumed run that ends where it began)
+                stale = self.directory / f"{_TEMP_PREFIX}old-{final.name}"
+                final.rename(stale)
+                temp.rename(final)
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                temp.rename(final)
+            _fsync_dir(self.directory)
+            for old in list_checkpoints(self.directory)[: -self.keep_last_n]:
+                shutil.rmtree(old, ignore_errors=True)
+        barrier(self.env)
+        return final
+
+    def load(self, path: Path, model, optimizer, scheduler) -> tuple[dict, dict]:
+        """Restore model, optimizer, scheduler and this rank's RNG; return (trainer, data) states."""
+        available = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+        state = self._state(model, optimizer, scheduler, trainer={}, data={})
+        rng_key = f"rng_rank{self.env.rank}"
+        if not any(key.startswith(rng_key + ".") or key == rng_key for key in available):
+            # Resumed with more ranks than saved it: those ranks start fresh RNG streams.
+            warnings.warn(f"{path} holds no RNG state for rank {self.env.rank}; its RNG is not restored")
+            del state[rng_key]
+        with _single_process_quietly():
+            dcp.load(state, checkpoint_id=path, no_dist=not self.env.is_distributed)
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if rng_key in state:
+            set_rng_state(state[rng_key], self.env.device)
+        return json.loads(state["trainer"]), json.loads(state["data"])
+
+
+def load_model_weights(model: nn.Module, path: Path) -> None:
+    """Only the model weights of a training checkpoint (for fine-tuning from it or exporting).
+
+    Without a process group this reads every shard into one process, whatever world size wrote it.
+    """
+    state = {"model": get_model_state_dict(model)}
+    with _single_process_quietly():
+        dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
+    set_model_state_dict(model, state["model"])
+
+
+def load_full_model_state(model: nn.Module, full_state: dict[str, torch.Tensor], env: DistributedEnv) -> None:
+    """Load an unsharded state dict held by rank 0 into a (possibly sharded) model."""
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=env.is_distributed)
+    set_model_state_dict(model, full_state if env.is_main or not env.is_distributed else {}, options=options)
+
+
+def read_model_config_json(path: Path) -> str:
+    return (Path(path) / "model_config.json").read_text()
+
+
+def model_config_dict(path: Path) -> dict:
+    return json.loads(read_model_config_json(path))

@@ -1,0 +1,144 @@
+"""Tiny end-to-end runs from the example configs: pretraining, instruct fine-tuning, export, the
+loss arithmetic of a step, and the NaN/spike policy."""
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import MptForCausalLM
+
+from mptkit.model import MPTConfig, MPTForCausalLM
+from mptkit.train.checkpoint import latest_checkpoint, list_checkpoints, load_model_weights
+from mptkit.train.config import load_config
+from mptkit.train.export import export_checkpoint
+from mptkit.train.loop import LossWatch, TrainingHalted, cross_entropy_sum, target_count, train
+
+from .train_support import INSTRUCT_YAML, PRETRAIN_YAML, pretrain_overrides
+
+INSTRUCT_TRAIN = "data/instruct/hh-helpful-base-eval.jsonl"  # the small file: 100 rows load fast
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """The tiny pretraining example, 6 steps, with validation, checkpoints, TensorBoard and the PNG."""
+    out = tmp_path_factory.mktemp("tiny-pretrain")
+    overrides = pretrain_overrides(out, steps=6, **{
+        "data.val": "[data/books/heldout/pg11.txt.gz]", "eval.interval": 3, "eval.max_batches": 2,
+        "checkpoint.interval": 2, "checkpoint.keep_last_n": 2,
+        "logging.tensorboard": "true", "logging.loss_curve_png": "true"})
+    result = train(load_config(PRETRAIN_YAML, overrides))
+    return out, result
+
+
+def test_tiny_pretraining_from_the_example_config(pretrained):
+    out, result = pretrained
+    assert result.step == 6 and sorted(result.losses) == [1, 2, 3, 4, 5, 6]
+    losses = list(result.losses.values())
+    # From about ln(50432) + init noise, the loss must fall well within six AdamW steps at lr 3e-3.
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0] - 0.5
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    val_rows = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4, 5, 6]
+    assert {"lr", "grad_norm", "tokens_per_s", "mfu", "tokens_seen"} <= set(train_rows[0])
+    assert train_rows[-1]["tokens_seen"] == 6 * 4 * 64
+    assert [r["step"] for r in val_rows] == [3, 6]
+    assert val_rows[-1]["val_ppl"] == pytest.approx(math.exp(val_rows[-1]["val_loss"]))
+    assert result.val_loss == val_rows[-1]["val_loss"]
+    # keep_last_n=2 of the checkpoints at steps 2, 4, 6
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step_00000004", "step_00000006"]
+    assert (out / "loss_curve.png").stat().st_size > 0
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_export_writes_a_directory_that_transformers_loads_with_the_same_logits(pretrained, tmp_path):
+    out, _ = pretrained
+    checkpoint = latest_checkpoint(out / "checkpoints")
+    export_checkpoint(out / "checkpoints", tmp_path / "hf")
+    trained = MPTForCausalLM(MPTConfig.from_pretrained(tmp_path / "hf"))
+    load_model_weights(trained, checkpoint)
+    exported = MPTForCausalLM.from_pretrained(tmp_path / "hf")
+    oracle = MptForCausalLM.from_pretrained(tmp_path / "hf")  # transformers' own implementation
+    tokens = torch.randint(0, 50277, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = trained(tokens).logits
+        torch.testing.assert_close(exported(tokens).logits, expected, rtol=0, atol=0)
+        torch.testing.assert_close(oracle(tokens).logits, expected, rtol=1e-4, atol=1e-4)
+    assert (tmp_path / "hf" / "tokenizer.json").is_file()
+
+
+def test_tiny_instruct_finetuning_continues_the_pretrained_checkpoint(pretrained, tmp_path):
+    out, _ = pretrained
+    overrides = [
+        f"data.train=[{INSTRUCT_TRAIN}]", "data.val=[]", "train.max_steps=3", "train.global_batch_size=4",
+        "train.micro_batch_size=2", "train.seq_len=128", "schedule.warmup_steps=1", "checkpoint.interval=0",
+        "logging.tensorboard=false", "logging.progress_bar=false", "logging.loss_curve_png=false",
+        "logging.peak_tflops=1"]
+    result = train(load_config(INSTRUCT_YAML, overrides + [f"model.init_from={out / 'checkpoints'}",
+                                                           f"output_dir={tmp_path / 'tuned'}"]))
+    assert result.step == 3 and all(math.isfinite(x) for x in result.losses.values())
+    assert latest_checkpoint(tmp_path / "tuned" / "checkpoints").name == "step_00000003"
+    # Starting from the pretrained weights, the first batch (the same one: same seed and data) costs
+    # clearly less than from a fresh initialisation of the same preset.
+    fresh = train(load_config(INSTRUCT_YAML, overrides + ["model.init_from=null", "model.preset=tiny",
+                                                          "train.max_steps=1", f"output_dir={tmp_path / 'fresh'}"]))
+    assert result.losses[1] < fresh.losses[1] - 0.3
+
+
+def test_step_loss_is_the_token_mean_whatever_the_micro_batching():
+    """The loop's (summed CE / target count) equals the model's own mean loss with -100 labels."""
+    torch.manual_seed(0)
+    model = MPTForCausalLM(MPTConfig.from_preset("tiny"))
+    tokens = torch.randint(0, 50277, (3, 20))
+    labels = tokens.clone()
+    labels[0, :15] = -100  # prompt-masked rows with very different numbers of targets
+    labels[2, :3] = -100
+    with torch.no_grad():
+        out = model(tokens, labels=labels)
+        ours = cross_entropy_sum(out.logits, labels) / target_count(labels)
+        # Two micro-batches of unequal size give the same token mean once summed.
+        parts = [(model(tokens[s]).logits, labels[s]) for s in (slice(0, 1), slice(1, 3))]
+        split = sum(cross_entropy_sum(lg, lb) for lg, lb in parts) / sum(target_count(lb) for _, lb in parts)
+    assert int(target_count(labels)) == 5 + 19 + 17  # labels at positions 1..19 of each row
+    torch.testing.assert_close(ours, out.loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(split, out.loss, rtol=1e-6, atol=1e-6)
+
+
+def test_loss_watch_flags_non_finite_values_and_spikes():
+    watch = LossWatch(spike_factor=2.0, min_steps=3)
+    assert "nan" in watch.problem(float("nan"), 1.0)
+    assert "gradient norm is inf" in watch.problem(1.0, float("inf"))
+    for loss in (3.0, 3.2, 2.8):
+        assert watch.problem(loss, 1.0) is None
+        watch.accept(loss)
+    assert watch.problem(5.9, 1.0) is None
+    assert "spiked above 2.0 x the recent mean 3.0000" in watch.problem(6.1, 1.0)
+    assert LossWatch(spike_factor=0.0, min_steps=1, history=[1.0] * 5).problem(100.0, 1.0) is None
+
+
+def test_a_diverging_run_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path):
+    # Resumed at step 4 with lr 1e30, the first update blows the weights up: the next loss is NaN.
+    overrides = pretrain_overrides(tmp_path, steps=4, **{
+        "train.precision": "fp32", "schedule.name": "constant", "schedule.warmup_steps": 0,
+        "checkpoint.interval": 2, "train.grad_clip_norm": "null"})
+    config = load_config(PRETRAIN_YAML, overrides)
+    first = train(config)  # 4 healthy steps, checkpoints at 2 and 4
+    config = load_config(PRETRAIN_YAML, overrides + ["train.max_steps=10", "optimizer.lr=1e30"])
+    with pytest.raises(TrainingHalted) as info:
+        train(config)
+    message = str(info.value)
+    assert "stopping (anomaly.policy=stop" in message and "step_00000004" in message
+    assert first.checkpoint.name == "step_00000004"
+    # No checkpoint after the bad step: the newest is still the last good one.
+    assert latest_checkpoint(tmp_path / "checkpoints").name == "step_00000004"
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert "halted" in rows[-1]
+
+    # With policy skip the bad updates are skipped, and after max_consecutive_skips it stops too.
+    config = load_config(PRETRAIN_YAML, overrides + ["train.max_steps=10", "optimizer.lr=1e30",
+                                                     "anomaly.policy=skip", "anomaly.max_consecutive_skips=2"])
+    with pytest.raises(TrainingHalted, match=r"3 bad step\(s\) in a row"):
+        train(config)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert sum("skipped" in r for r in rows) == 2
