@@ -1,0 +1,209 @@
+"""Fast decoding in gpt-fast's shape: a static KV cache, a separate prefill, a compiled one-token step.
+
+- `StaticKVCache` preallocates every layer's keys and values for the whole generation and writes
+  new ones by index. The model's own attention modules call `cache.update(k, v, layer_idx)`, so
+  GQA, clip_qkv, qk_ln, RoPE and the attention backends are the model's code, not a copy.
+- Keys not yet written lie in the future of every query, so the model's causal rule hides them;
+  left padding is hidden by the cache's key-validity mask. ALiBi reads the query position from a
+  tensor (`MaskSpec.query_start`), so the one-token step has fixed shapes for the whole
+  generation and compiles once.
+- `Decoder.prefill` runs the prompt with exactly the shapes of the model's plain forward; the
+  step then attends over the preallocated length.
+- `quantize_int8` swaps the block and head projections for weight-only int8 ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mptkit.model import MPTForCausalLM
+from mptkit.model.alibi import alibi_slopes
+from mptkit.model.attention import MaskSpec
+from mptkit.model.modeling_mpt import rope_angles, token_positions
+
+from .sampling import BatchSampler, SamplingParams
+
+
+class StaticKVCache:
+    """Keys and values of every layer, (B, Hkv, max_length, D) each, written in place by index.
+
+    `write_positions` (S,) says where `update` writes the current chunk; `visible` how many keys it
+    returns (the prompt length during prefill, all of them during decode steps).
+    """
+
+    def __init__(self, model: MPTForCausalLM, batch_size: int, max_length: int):
+        config = model.config
+        weight = model.transformer.wte.weight
+        shape = (batch_size, config.kv_n_heads, max_length, config.head_dim)
+        self.keys = [torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in range(config.n_layers)]
+        self.values = [torch.zeros_like(k) for k in self.keys]
+        self.max_length = max_length
+        self.key_valid = torch.ones(batch_size, max_length, dtype=torch.bool, device=weight.device)
+        self.padding = torch.zeros(batch_size, dtype=torch.long, device=weight.device)  # left pads per row
+        self.write_positions = torch.zeros(1, dtype=torch.long, device=weight.device)
+        self.visible = max_length
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        keys.index_copy_(2, self.write_positions, k)
+        values.index_copy_(2, self.write_positions, v)
+        return keys[:, :, : self.visible], values[:, :, : self.visible]
+
+
+def forward_with_cache(
+    model: MPTForCausalLM, tokens: torch.Tensor, start, cache: StaticKVCache, key_padding, positions
+) -> torch.Tensor:
+    """Logits (B, V) of the last of `tokens` (B, S), whose first one sits at position `start`.
+
+    Mirrors MPTModel.forward + the LM head for inference, with the static cache: embeddings,
+    every block of the model, final norm, (tied) head. `start` is an int or a (1,) tensor.
+    """
+    transformer = model.transformer
+    x = transformer.wte(tokens)
+    if hasattr(transformer, "wpe"):
+        x = x + transformer.wpe(positions)
+    if transformer.embedding_fraction < 1:
+        x = x * transformer.embedding_fraction + x.detach() * (1 - transformer.embedding_fraction)
+    mask = MaskSpec(query_start=start, causal=True, key_padding=key_padding, sliding_window=transformer.sliding_window)
+    slopes = (
+        alibi_slopes(model.config.n_heads, transformer.alibi_bias_max, device=x.device) if transformer.alibi else None
+    )
+    rope = None
+    if transformer.rope_theta is not None:
+        rope = rope_angles(positions, model.config.head_dim, transformer.rope_theta)
+    for block in transformer.blocks:
+        x = block(x, mask, slopes, transformer.prefix_lm, rope, cache)
+    hidden = transformer.norm_f(x[:, -1])
+    head = getattr(model, "int8_head", None)
+    if head is not None:
+        logits = head(hidden)
+    else:
+        weight = model.lm_head.weight if hasattr(model, "lm_head") else transformer.wte.weight
+        logits = F.linear(hidden, weight)
+    if model.logit_multiplier is not None:
+        logits = logits * model.logit_multiplier
+    return logits.float()
+
+
+class Decoder:
+    """Batched generation from token ids with a static cache and (optionally) a compiled step.
+
+    The model is used as given (dtype, device, quantization); `compile=True` compiles the
+    one-token step once per (batch size, cache length) with `fullgraph=True`.
+    """
+
+    def __init__(self, model: MPTForCausalLM, compile: bool = False):
+        self.model = model.eval()
+        self.config = model.config
+        self.device = model.transformer.wte.weight.device
+        self.uses_positions = hasattr(model.transformer, "wpe") or model.transformer.rope_theta is not None
+        self._step = torch.compile(self._decode_step, fullgraph=True) if compile else self._decode_step
+
+    @property
+    def context_length(self) -> int:
+        return self.config.max_seq_len
+
+    def _decode_step(self, tokens: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
+        """Logits (B, V) after one new token per row at position cache.write_positions."""
+        position = cache.write_positions
+        positions = (position - cache.padding)[:, None] if self.uses_positions else None
+        return forward_with_cache(self.model, tokens, position, cache, cache.key_valid, positions)
+
+    @torch.no_grad()
+    def prefill(self, tokens: torch.Tensor, valid: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
+        """Run the left-padded prompts (B, S) (`valid` False on padding); logits of the last position."""
+        length = tokens.shape[1]
+        cache.key_valid[:, :length] = valid
+        cache.padding = (~valid).sum(dim=1)
+        cache.write_positions = torch.arange(length, device=self.device)
+        cache.visible = length
+        key_padding = None if bool(valid.all()) else valid  # as the plain forward does
+        positions = token_positions(tokens.shape[0], length, 0, valid, None, self.device) if self.uses_positions else None
+        logits = forward_with_cache(self.model, tokens, 0, cache, key_padding, positions)
+        cache.write_positions = torch.full((1,), length, dtype=torch.long, device=self.device)
+        cache.visible = cache.max_length
+        return logits
+
+    @torch.no_grad()
+    def generate(
+        self, prompts: list[list[int]], params: list[SamplingParams], pad_id: int = 0
+    ) -> Iterator[torch.Tensor]:
+        """Yield the next token of every row, (B,) on the device, until the longest request is done
+        or the context is full. Close the iterator (or stop iterating) to end early.
+        """
+        if len(prompts) != len(params) or not prompts:
+            raise ValueError("generate: give one SamplingParams per prompt, and at least one prompt")
+        longest = max(len(p) for p in prompts)
+        if min(len(p) for p in prompts) == 0:
+            raise ValueError("generate: every prompt needs at least one token")
+        if longest >= self.context_length:
+            raise ValueError(f"prompt of {longest} tokens leaves no room in the context of {self.context_length}")
+        max_length = min(self.context_length, longest + max(p.max_new_tokens for p in params))
+        tokens = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
+        valid = torch.zeros(len(prompts), longest, dtype=torch.bool)
+        for row, prompt in enumerate(prompts):
+            tokens[row, longest - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+            valid[row, longest - len(prompt) :] = True
+        tokens, valid = tokens.to(self.device), valid.to(self.device)
+
+        sampler = BatchSampler(params, self.config.vocab_size, self.device)
+        sampler.observe(tokens, valid)
+        cache = StaticKVCache(self.model, len(prompts), max_length)
+        next_tokens = sampler(self.prefill(tokens, valid, cache))
+        for _ in range(max_length - longest - 1):
+            yield next_tokens
+            sampler.observe(next_tokens[:, None])
+            logits = self._step(next_tokens[:, None], cache)
+            cache.write_positions += 1
+            next_tokens = sampler(logits)
+        yield next_tokens
+
+
+# ----------------------------------------------------------------------------------------------
+# int8 weight-only quantization
+
+
+class Int8Linear(nn.Module):
+    """y = x @ (scale * W_int8)^T (+ b): symmetric per-output-channel int8 weights, activations
+    unchanged. Halves the bytes read per token versus bf16, which is what bounds decoding."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype):
+        super().__init__()
+        weight = weight.detach().float()
+        scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        self.register_buffer("weight", (weight / scales[:, None]).round().clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scales", scales.to(compute_dtype))
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(compute_dtype), requires_grad=False)
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).to(self.scales.dtype)
+        if flat.device.type == "cpu":
+            # fused dequantize + matmul kernel: the int8 weight is never expanded in memory
+            out = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales)
+        else:
+            out = F.linear(flat, self.weight.to(flat.dtype)) * self.scales
+        out = out.reshape(*x.shape[:-1], self.out_features)
+        return out if self.bias is None else out + self.bias
+
+
+@torch.no_grad()
+def quantize_int8(model: MPTForCausalLM) -> MPTForCausalLM:
+    """Replace every block projection and the LM head by `Int8Linear`, in place.
+
+    The embedding table keeps its dtype for the input lookup (one row per token); the tied head
+    gets its own int8 copy, since the head is where the per-token bytes are.
+    """
+    dtype = model.transformer.wte.weight.dtype
+    for block in model.transformer.blocks:
+        for parent in (block.attn, block.ffn):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(parent, name, Int8Linear(child.weight, child.bias, dtype))
+    head = model.lm_head.weight if hasattr(model, "lm_head") else model.transformer.wte.weight
+    model.int8_head = Int8Linear(head, None, dtype)
+    return model

@@ -1,0 +1,301 @@
+"""The OpenAI-compatible HTTP API (MPT.md section 5) over an `Engine`.
+
+    GET  /v1/models             the one served model
+    POST /v1/completions        prompt -> text (prompt may be a list: one choice per prompt)
+    POST /v1/chat/completions   ChatML messages -> the assistant's reply
+    GET  /stats                 the engine's counters (not part of the OpenAI API)
+
+`stream: true` answers with server-sent events `data: {json}` ending in `data: [DONE]`. Every
+invalid request gets a 400 with `{"error": {"message", "type", "param", "code"}}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from mptkit.data.templates import format_chatml
+from mptkit.inference.commands import stop_token_ids
+from mptkit.inference.sampling import SamplingParams
+
+from .engine import Engine, Event, Job
+from .protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    RequestError,
+    error_body,
+    validation_message,
+)
+
+DISCONNECT_POLL_S = 0.25
+
+
+class GenerationFailed(RuntimeError):
+    """The engine could not generate (a server fault, not the request's)."""
+
+
+def create_app(engine: Engine, model_name: str) -> FastAPI:
+    app = FastAPI(title="mptkit", docs_url=None, redoc_url=None)
+    # the engine's worker thread decodes with `engine.tokenizer`; requests encode with a copy, since
+    # a fast tokenizer may not be used from two threads at once
+    tokenizer = copy.deepcopy(engine.tokenizer)
+    created = int(time.time())
+
+    @app.exception_handler(RequestError)
+    async def _request_error(_: Request, error: RequestError):
+        return JSONResponse(error.body(), status_code=error.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, error: RequestValidationError):
+        return JSONResponse(error_body(str(error.errors()[:1])), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, error: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code)
+        return JSONResponse(error_body(str(error.detail), code=code), status_code=error.status_code)
+
+    @app.exception_handler(Exception)
+    async def _internal_error(_: Request, error: Exception):
+        return JSONResponse(error_body(f"internal error: {type(error).__name__}", type_="server_error"), 500)
+
+    @app.get("/v1/models")
+    async def list_models():
+        card = {"id": model_name, "object": "model", "created": created, "owned_by": "mptkit"}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/stats")
+    async def stats():
+        return engine.stats_dict()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = _parse(CompletionRequest, await request.body())
+        prompts = _completion_prompts(body.prompt, tokenizer, engine.decoder.config.vocab_size)
+        max_new = _max_new_tokens(body.max_tokens, max(len(p) for p in prompts), engine.context_length, "max_tokens")
+        params = _sampling_params(body, max_new)
+        stops = stop_token_ids(tokenizer, "none")
+        jobs = [engine.submit(Job(p, params, stops, asyncio.get_running_loop())) for p in prompts]
+        reply = _Reply("cmpl", "text_completion", model_name, body, jobs)
+        if body.stream:
+            return _sse(reply.completion_chunks(request))
+        return await reply.completion(request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = _parse(ChatCompletionRequest, await request.body())
+        messages = [{"role": _chatml_role(m.role), "content": m.text()} for m in body.messages]
+        prompt = tokenizer(format_chatml(messages, add_generation_prompt=True))["input_ids"]
+        if body.max_tokens is not None and body.max_completion_tokens is not None:
+            raise RequestError("Give max_tokens or max_completion_tokens, not both.", "max_completion_tokens")
+        requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        max_new = _max_new_tokens(requested, len(prompt), engine.context_length, param, messages=True)
+        params = _sampling_params(body, max_new)
+        job = engine.submit(Job(prompt, params, stop_token_ids(tokenizer, "chat"), asyncio.get_running_loop()))
+        reply = _Reply("chatcmpl", "chat.completion", model_name, body, [job])
+        if body.stream:
+            return _sse(reply.chat_chunks(request))
+        return await reply.chat(request)
+
+    return app
+
+
+# ---- request checks ----------------------------------------------------------------------------
+
+
+def _parse(model, raw: bytes):
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise RequestError(
+            "We could not parse the JSON body of your request. The body must be a JSON object.", code="invalid_json"
+        ) from None
+    if not isinstance(data, dict):
+        raise RequestError("The request body must be a JSON object.", code="invalid_json")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        message, param = validation_message(e)
+        raise RequestError(message, param) from None
+
+
+def _completion_prompts(prompt, tokenizer, vocab_size: int) -> list[list[int]]:
+    if isinstance(prompt, str):
+        prompts = [prompt]
+    elif prompt and all(isinstance(p, int) for p in prompt):
+        prompts = [list(prompt)]
+    else:
+        prompts = list(prompt)
+    if not prompts:
+        raise RequestError("prompt must not be empty.", "prompt")
+    ids = [tokenizer(p)["input_ids"] if isinstance(p, str) else p for p in prompts]
+    for token_ids in ids:
+        if not token_ids:
+            raise RequestError("prompt must not be empty.", "prompt")
+        if any(t < 0 or t >= vocab_size for t in token_ids):
+            raise RequestError(f"prompt token ids must lie in [0, {vocab_size}).", "prompt")
+    return ids
+
+
+def _max_new_tokens(requested: int | None, prompt_length: int, context: int, param: str, messages: bool = False) -> int:
+    where = "messages" if messages else "prompt"
+    if prompt_length >= context:
+        raise RequestError(
+            f"This model's maximum context length is {context} tokens. However, your {where} resulted in "
+            f"{prompt_length} tokens, leaving no room for a completion.",
+            where,
+            "context_length_exceeded",
+        )
+    if requested is None:
+        return context - prompt_length
+    if prompt_length + requested > context:
+        raise RequestError(
+            f"This model's maximum context length is {context} tokens. However, you requested "
+            f"{prompt_length + requested} tokens ({prompt_length} in the {where}, {requested} in the "
+            "completion). Please reduce the length of the prompt or the completion.",
+            param,
+            "context_length_exceeded",
+        )
+    return requested
+
+
+def _sampling_params(body, max_new_tokens: int) -> SamplingParams:
+    return SamplingParams(
+        max_new_tokens=max_new_tokens,
+        temperature=float(body.temperature if body.temperature is not None else 1.0),  # OpenAI's default
+        top_p=float(body.top_p if body.top_p is not None else 1.0),
+        top_k=body.top_k or 0,
+        repetition_penalty=float(body.repetition_penalty or 1.0),
+        stop=body.stop_strings(),
+        seed=body.seed,
+    )
+
+
+def _chatml_role(role: str) -> str:
+    return "system" if role == "developer" else role
+
+
+# ---- responses ---------------------------------------------------------------------------------
+
+
+def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
+    async def events():
+        try:
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+        except GenerationFailed as e:  # generation failed after the 200 was sent: say so in the stream
+            yield f"data: {json.dumps(error_body(str(e), type_='server_error'))}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+class _Reply:
+    """Collects the events of a request's jobs into OpenAI responses or stream chunks."""
+
+    def __init__(self, prefix: str, kind: str, model_name: str, body, jobs: list[Job]):
+        self.id = f"{prefix}-{uuid.uuid4().hex}"
+        self.kind = kind
+        self.model = model_name
+        self.created = int(time.time())
+        self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        self.jobs = jobs
+
+    def _cancel(self) -> None:
+        for job in self.jobs:
+            job.cancel()
+
+    def _usage(self, completion_tokens: int) -> dict:
+        prompt_tokens = sum(len(j.prompt_ids) for j in self.jobs)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
+
+    def _envelope(self, kind: str, choices: list[dict], **extra) -> dict:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices, **extra}
+
+    async def _events(self, request: Request) -> AsyncIterator[tuple[int, Event]]:
+        """(choice index, event) for all jobs as they come; stops the jobs if the client leaves."""
+        merged: asyncio.Queue = asyncio.Queue()
+
+        async def forward(index: int, job: Job):
+            while True:
+                event = await job.events.get()
+                await merged.put((index, event))
+                if event.finish_reason is not None or event.error is not None:
+                    return
+
+        tasks = [asyncio.create_task(forward(i, job)) for i, job in enumerate(self.jobs)]
+        remaining = len(self.jobs)
+        try:
+            while remaining:
+                try:
+                    index, event = await asyncio.wait_for(merged.get(), DISCONNECT_POLL_S)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        return
+                    continue
+                if event.error is not None:
+                    raise GenerationFailed(event.error)
+                if event.finish_reason is not None:
+                    remaining -= 1
+                yield index, event
+        finally:
+            self._cancel()  # a no-op for finished jobs; stops the others (client gone, or an error)
+            for task in tasks:
+                task.cancel()
+
+    async def _collect(self, request: Request) -> tuple[list[list[str]], list[str | None], int]:
+        texts: list[list[str]] = [[] for _ in self.jobs]
+        finish: list[str | None] = [None] * len(self.jobs)
+        tokens = 0
+        async for index, event in self._events(request):
+            texts[index].append(event.text)
+            if event.finish_reason is not None:
+                finish[index] = event.finish_reason
+                tokens += event.completion_tokens
+        return texts, finish, tokens
+
+    async def completion(self, request: Request) -> dict:
+        texts, finish, tokens = await self._collect(request)
+        choices = [{"index": i, "text": "".join(t), "logprobs": None, "finish_reason": f}
+                   for i, (t, f) in enumerate(zip(texts, finish))]
+        return self._envelope(self.kind, choices, usage=self._usage(tokens))
+
+    async def chat(self, request: Request) -> dict:
+        texts, finish, tokens = await self._collect(request)
+        message = {"role": "assistant", "content": "".join(texts[0])}
+        choices = [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish[0]}]
+        return self._envelope(self.kind, choices, usage=self._usage(tokens))
+
+    async def completion_chunks(self, request: Request) -> AsyncIterator[dict]:
+        tokens = 0
+        async for index, event in self._events(request):
+            tokens += event.completion_tokens if event.finish_reason else 0
+            choice = {"index": index, "text": event.text, "logprobs": None, "finish_reason": event.finish_reason}
+            yield self._envelope(self.kind, [choice])
+        if self.include_usage:
+            yield self._envelope(self.kind, [], usage=self._usage(tokens))
+
+    async def chat_chunks(self, request: Request) -> AsyncIterator[dict]:
+        kind = "chat.completion.chunk"
+        first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+        yield self._envelope(kind, [first])
+        tokens = 0
+        async for _, event in self._events(request):
+            delta = {"content": event.text} if event.text else {}
+            if event.finish_reason:
+                tokens = event.completion_tokens
+            yield self._envelope(kind, [{"index": 0, "delta": delta, "logprobs": None,
+                                         "finish_reason": event.finish_reason}])
+        if self.include_usage:
+            yield self._envelope(kind, [], usage=self._usage(tokens))
