@@ -1,0 +1,170 @@
+"""Train short, test long: ALiBi against learned and rotary positions (the ALiBi paper's study).
+
+Tiny MPTs identical in size, data, token budget and seed, differing only in the position scheme,
+are pretrained with `mptkit.train` at 128 tokens on the bundled books (data/books/train; The Great
+Gatsby and Alice are held out), exported to HF format, and evaluated with `mptkit.eval` on the two
+held-out books at 128 .. 2048 tokens, nonoverlapping and sliding (stride = 1/4 of the window).
+
+    .venv/bin/python benchmarks/extrapolation.py --steps 800          # the issue's reference scale
+    .venv/bin/python benchmarks/extrapolation.py --steps 20 --d-model 64 --n-layers 2 --eval-tokens 4096  # smoke
+
+Writes out/extrapolation/{results.json, table.md, nonoverlapping.png, sliding.png, <scheme>/...}.
+The learned-position model gets a 2048-row table so that it can be run past 128 at all: rows
+128..2047 are never trained, which is what learned positions mean for extrapolation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from mptkit.data.prepare import prepare_pretraining  # noqa: E402
+from mptkit.eval.extrapolation import markdown_table, plot_curves, sweep  # noqa: E402
+from mptkit.data.tokenizer import load_tokenizer  # noqa: E402
+from mptkit.eval.loading import load_model, read_texts  # noqa: E402
+from mptkit.eval.perplexity import tokenize_documents  # noqa: E402
+from mptkit.train.config import load_config  # noqa: E402
+from mptkit.train.export import export_checkpoint  # noqa: E402
+from mptkit.train.loop import train  # noqa: E402
+
+# MPTConfig overrides of each scheme; everything else is shared.
+SCHEMES = {
+    "alibi": ["model.attn_config.alibi=true"],
+    "learned": ["model.attn_config.alibi=false", "model.learned_pos_emb=true"],
+    "rope": ["model.attn_config.alibi=false", "model.attn_config.rope=true"],
+}
+LABELS = {"alibi": "ALiBi", "learned": "learned", "rope": "RoPE"}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--schemes", default="alibi,learned,rope")
+    p.add_argument("--steps", type=int, default=800)
+    p.add_argument("--batch", type=int, default=16, help="sequences per step")
+    p.add_argument("--train-len", type=int, default=128)
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--n-heads", type=int, default=4)
+    p.add_argument("--n-layers", type=int, default=4)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="training and evaluation")
+    p.add_argument("--multiples", default="1,2,4,8,16", help="eval lengths as multiples of --train-len")
+    p.add_argument("--eval-tokens", type=int, default=0, help="first N tokens of each held-out book (0: all)")
+    p.add_argument("--stride-ratio", type=float, default=0.25, help="sliding stride / window")
+    p.add_argument("--seed", type=int, default=17)
+    p.add_argument("--out", type=Path, default=REPO / "out" / "extrapolation")
+    p.add_argument("--reuse", action="store_true", help="evaluate already trained models in --out")
+    return p.parse_args(argv)
+
+
+def train_scheme(args, scheme: str, shards: Path) -> dict:
+    run_dir = args.out / scheme
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    overrides = [
+        f"name=extrapolation-{scheme}",
+        f"output_dir={run_dir}",
+        f"seed={args.seed}",
+        "model.preset=tiny",
+        f"model.d_model={args.d_model}",
+        f"model.n_heads={args.n_heads}",
+        f"model.n_layers={args.n_layers}",
+        # the learned table must exist up to the longest eval length; ALiBi and RoPE ignore it
+        f"model.max_seq_len={args.train_len * max(int(m) for m in args.multiples.split(','))}",
+        *SCHEMES[scheme],
+        f"data.train=[{shards}]",
+        "data.val=[]",
+        "optimizer.name=adamw",
+        f"optimizer.lr={args.lr}",
+        "optimizer.weight_decay=0.0",
+        "schedule.name=cosine",
+        f"schedule.warmup_steps={max(1, args.steps // 20)}",
+        "schedule.final_lr_ratio=0.1",
+        f"train.max_steps={args.steps}",
+        f"train.global_batch_size={args.batch}",
+        f"train.micro_batch_size={args.batch}",
+        f"train.seq_len={args.train_len}",
+        f"train.precision={args.precision}",
+        "train.device=cpu",
+        "checkpoint.interval=0",
+        "checkpoint.keep_last_n=1",
+        "checkpoint.resume=never",
+        f"logging.interval={max(1, args.steps // 50)}",
+        "logging.tensorboard=false",
+    ]
+    config = load_config(None, overrides)
+    started = time.perf_counter()
+    result = train(config)
+    seconds = time.perf_counter() - started
+    export_checkpoint(result.checkpoint, run_dir / "model")
+    last = sorted(result.losses)[-10:]
+    return {
+        "train_seconds": seconds,
+        "seconds_per_step": seconds / args.steps,
+        "final_train_loss": sum(result.losses[s] for s in last) / len(last),
+    }
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    schemes = args.schemes.split(",")
+    lengths = [args.train_len * int(m) for m in args.multiples.split(",")]
+    autocast = torch.bfloat16 if args.precision == "bf16" else None
+    args.out.mkdir(parents=True, exist_ok=True)
+    print(f"torch threads {torch.get_num_threads()}; schemes {schemes}; eval lengths {lengths}", flush=True)
+
+    shards = args.out / "data" / f"books-train-seq{args.train_len}"
+    if not (shards / "index.json").is_file():
+        prepare_pretraining([str(REPO / "data/books/train")], shards, seq_len=args.train_len)
+    tokenizer = load_tokenizer()
+    books = sorted((REPO / "data/books/heldout").glob("*.txt*"))
+    documents = tokenize_documents(tokenizer, read_texts(books))
+    if args.eval_tokens:
+        documents = [d[: args.eval_tokens] for d in documents]
+    num_scored = sum(len(d) - 1 for d in documents)
+    print(f"held-out: {[b.name for b in books]}, {num_scored} tokens scored at every length", flush=True)
+
+    results = json.loads((args.out / "results.json").read_text()) if args.reuse else {}
+    for scheme in schemes:
+        entry = results.get(scheme, {})
+        if not args.reuse:
+            entry = train_scheme(args, scheme, shards)
+            print(f"[{scheme}] trained {args.steps} steps in {entry['train_seconds']:.0f} s "
+                  f"({entry['seconds_per_step']:.2f} s/step), final train loss {entry['final_train_loss']:.3f}", flush=True)
+        model = load_model(args.out / scheme / "model", max_seq_len=max(lengths))
+        started = time.perf_counter()
+        points = sweep(model, documents, lengths, stride_ratio=args.stride_ratio, autocast_dtype=autocast,
+                       label=f"{scheme} ")
+        entry["eval_seconds"] = time.perf_counter() - started
+        entry["nonoverlapping"] = [p.nonoverlapping.perplexity for p in points]
+        entry["sliding"] = [p.sliding.perplexity for p in points]
+        entry["tokens_scored"] = points[0].nonoverlapping.num_tokens
+        results[scheme] = entry
+        print(f"[{scheme}] nonoverlapping {['%.1f' % v for v in entry['nonoverlapping']]}, "
+              f"sliding {['%.1f' % v for v in entry['sliding']]} ({entry['eval_seconds']:.0f} s)", flush=True)
+        (args.out / "results.json").write_text(json.dumps(results, indent=2))
+
+    sections = [f"Trained at {args.train_len} tokens; perplexity on {num_scored} held-out tokens "
+                f"({', '.join(b.name for b in books)}); command: `{' '.join(['benchmarks/extrapolation.py', *sys.argv[1:]])}`"]
+    for mode in ("nonoverlapping", "sliding"):
+        columns = {LABELS[s]: results[s][mode] for s in schemes}
+        sections.append(f"### {mode}" + (f" (stride = {args.stride_ratio:g} x eval length)" if mode == "sliding" else "")
+                        + "\n\n" + markdown_table(lengths, columns))
+        plot_curves(lengths, columns, args.train_len, args.out / f"{mode}.png",
+                    f"held-out books, {mode}: trained at {args.train_len}")
+    table = "\n\n".join(sections)
+    (args.out / "table.md").write_text(table + "\n")
+    print("\n" + table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

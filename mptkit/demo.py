@@ -1,0 +1,514 @@
+"""`mptkit demo`: the whole toolkit in one command, on a laptop's CPU, in about ten minutes.
+
+1. pretrain a small ALiBi MPT on the bundled novels (GPT-NeoX tokenizer, 128-token samples),
+2. instruction-tune it on the bundled instruct data (MPT's instruct template, response-only loss),
+3. measure perplexity on two held-out novels at 1x, 2x and 4x the training length,
+4. export HF-format checkpoints and check that transformers' model-card code loads them,
+5. answer the MPT-7B-instruct model card's prompt with the instruct template,
+6. write out/demo/summary.md with the loss curves, the extrapolation table and plot.
+
+Every stage runs the package's own code (mptkit.train, mptkit.eval, mptkit.inference). Training
+steps are sized from a measured step time so that the run fits its time budget on slow machines
+and trains longer on fast ones. `--quick` (or MPTKIT_DEMO_QUICK=1) runs a toy budget for tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL_CARD_PROMPT = "Summarize the key differences between REST and GraphQL APIs."
+
+
+@dataclass(frozen=True)
+class StageBudget:
+    """Training steps for one stage: seconds / measured step time, clamped to [min, max]."""
+
+    seconds: float
+    min_steps: int
+    max_steps: int
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    out: Path = Path("out/demo")
+    # model: an ALiBi MPT; the GPT-NeoX vocabulary (50432 rows) holds most of the parameters
+    d_model: int = 128
+    n_heads: int = 4
+    n_layers: int = 4
+    context: int = 512  # max_seq_len written to the checkpoint: 4x the training length (ALiBi)
+    precision: str = "fp32"  # bf16 autocast pays off only on CPUs with AMX (see docs/benchmarks.md)
+    # pretraining on the books
+    books: tuple[str, ...] = ("data/books/train",)
+    heldout: tuple[str, ...] = ("data/books/heldout",)
+    train_len: int = 128
+    pretrain_batch: int = 16
+    pretrain_lr: float = 2e-3
+    pretrain: StageBudget = StageBudget(seconds=330, min_steps=60, max_steps=1500)
+    # instruction tuning
+    instruct: tuple[str, ...] = ("data/instruct/hh-helpful-base-train.jsonl",)
+    instruct_val: tuple[str, ...] = ("data/instruct/hh-helpful-base-eval.jsonl",)
+    finetune_len: int = 256
+    finetune_batch: int = 16
+    finetune_lr: float = 1e-3
+    finetune: StageBudget = StageBudget(seconds=120, min_steps=20, max_steps=600)
+    # extrapolation: the first tokens of each held-out book, at these multiples of train_len
+    eval_tokens_per_book: int = 8192
+    multiples: tuple[int, ...] = (1, 2, 4)
+    # the answer
+    max_new_tokens: int = 160
+    temperature: float = 0.7
+    top_p: float = 0.9
+    repetition_penalty: float = 1.2
+    seed: int = 17
+
+
+QUICK = dict(
+    d_model=64,
+    n_heads=4,
+    n_layers=2,
+    context=128,
+    books=("data/books/train/pg5200.txt.gz",),
+    train_len=32,
+    pretrain_batch=4,
+    pretrain=StageBudget(seconds=0, min_steps=3, max_steps=3),
+    finetune_len=64,
+    finetune_batch=4,
+    finetune=StageBudget(seconds=0, min_steps=2, max_steps=2),
+    eval_tokens_per_book=256,
+    max_new_tokens=8,
+)
+
+
+class Stages:
+    """Numbered stage banners with elapsed wall time, and a record of each stage's duration."""
+
+    def __init__(self, total: int):
+        self.total, self.index = total, 0
+        self.started = time.perf_counter()
+        self.durations: dict[str, float] = {}
+        self._current: tuple[str, float] | None = None
+
+    def begin(self, title: str) -> None:
+        self.end()
+        self.index += 1
+        print(f"\n=== [{self.index}/{self.total}] {title}  (t = {self.elapsed():.0f} s) ===", flush=True)
+        self._current = (title, time.perf_counter())
+
+    def end(self) -> None:
+        if self._current is not None:
+            title, began = self._current
+            self.durations[title] = time.perf_counter() - began
+            self._current = None
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+
+# ---- stages ---------------------------------------------------------------------------------------
+
+
+def _resolve(paths: tuple[str, ...]) -> list[str]:
+    """Repo-relative data paths (the demo runs from a source checkout, where the data ships)."""
+    resolved = []
+    for path in paths:
+        candidate = Path(path) if Path(path).exists() else REPO / path
+        if not candidate.exists():
+            raise FileNotFoundError(f"demo data {path} not found (looked in . and {REPO}); run from a clone of the repo")
+        resolved.append(str(candidate))
+    return resolved
+
+
+def _model_overrides(cfg: DemoConfig) -> list[str]:
+    return [
+        f"model.d_model={cfg.d_model}",
+        f"model.n_heads={cfg.n_heads}",
+        f"model.n_layers={cfg.n_layers}",
+        f"model.max_seq_len={cfg.context}",
+        "model.attn_config.alibi=true",
+    ]
+
+
+def measure_step_seconds(config, repeats: int = 2) -> float:
+    """Seconds per optimizer step of `config`'s model on a batch of its shape (after one warm-up).
+
+    The model is built and initialised as training builds it; the batch is random tokens, which
+    cost what real ones cost.
+    """
+    import torch
+
+    from mptkit.model import MPTForCausalLM
+    from mptkit.train.loop import resolve_model_config
+    from mptkit.train.optim import build_optimizer
+
+    model = MPTForCausalLM(resolve_model_config(config)).train()
+    optimizer = build_optimizer(model, config.optimizer)
+    batch = torch.randint(0, model.config.vocab_size, (config.train.micro_batch_size, config.train.seq_len))
+    accumulation = config.train.global_batch_size // config.train.micro_batch_size
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.train.precision == "bf16")
+    times = []
+    for _ in range(repeats + 1):
+        started = time.perf_counter()
+        for _ in range(accumulation):
+            with autocast:
+                loss = model(input_ids=batch, labels=batch).loss
+            loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - started)
+    return min(times[1:])
+
+
+def plan_steps(config, budget: StageBudget, label: str) -> int:
+    if budget.min_steps == budget.max_steps:
+        return budget.min_steps
+    seconds = measure_step_seconds(config)
+    steps = int(min(max(budget.seconds / seconds, budget.min_steps), budget.max_steps))
+    print(f"[demo] {label}: measured {seconds:.2f} s/step -> {steps} steps for a {budget.seconds / 60:.1f}-minute budget",
+          flush=True)
+    return steps
+
+
+def run_training(base_yaml: str, overrides: list[str], budget: StageBudget, label: str):
+    """Load a shipped config with the demo's overrides, size its steps, and train it."""
+    from mptkit.train.config import load_config
+    from mptkit.train.loop import train
+
+    yaml_path = REPO / base_yaml
+    config = load_config(yaml_path, overrides)
+    steps = plan_steps(config, budget, label)
+    overrides = overrides + [f"train.max_steps={steps}", f"schedule.warmup_steps={max(1, steps // 20)}"]
+    config = load_config(yaml_path, overrides)
+    print(f"[demo] equivalent command: mptkit train {base_yaml} {' '.join(overrides)}", flush=True)
+    return config, train(config)
+
+
+def pretrain(cfg: DemoConfig):
+    out = cfg.out / "pretrain"
+    overrides = [
+        "name=demo-pretrain",
+        f"output_dir={out}",
+        f"seed={cfg.seed}",
+        "model.preset=tiny",
+        *_model_overrides(cfg),
+        f"data.train=[{','.join(_resolve(cfg.books))}]",
+        f"data.val=[{','.join(_resolve(cfg.heldout))}]",
+        f"optimizer.lr={cfg.pretrain_lr}",
+        "schedule.name=cosine",
+        f"train.global_batch_size={cfg.pretrain_batch}",
+        f"train.micro_batch_size={cfg.pretrain_batch}",
+        f"train.seq_len={cfg.train_len}",
+        f"train.precision={cfg.precision}",
+        "train.device=cpu",
+        "checkpoint.interval=0",
+        "checkpoint.keep_last_n=1",
+        "checkpoint.resume=never",
+        "eval.interval=0",
+        "eval.max_batches=4",
+        "logging.interval=1",
+        "logging.tensorboard=false",
+    ]
+    return run_training("configs/pretrain/tiny.yaml", overrides, cfg.pretrain, "pretraining")
+
+
+def finetune(cfg: DemoConfig, pretrained_checkpoint: Path):
+    out = cfg.out / "finetune"
+    overrides = [
+        "name=demo-instruct",
+        f"output_dir={out}",
+        f"seed={cfg.seed}",
+        f"model.init_from={pretrained_checkpoint}",
+        f"data.train=[{','.join(_resolve(cfg.instruct))}]",
+        f"data.val=[{','.join(_resolve(cfg.instruct_val))}]",
+        f"optimizer.lr={cfg.finetune_lr}",
+        f"train.global_batch_size={cfg.finetune_batch}",
+        f"train.micro_batch_size={cfg.finetune_batch}",
+        f"train.seq_len={cfg.finetune_len}",
+        f"train.precision={cfg.precision}",
+        "train.device=cpu",
+        "checkpoint.interval=0",
+        "checkpoint.keep_last_n=1",
+        "checkpoint.resume=never",
+        "eval.interval=0",
+        "eval.max_batches=4",
+        "logging.interval=1",
+        "logging.tensorboard=false",
+    ]
+    return run_training("configs/finetune/instruct.yaml", overrides, cfg.finetune, "instruction tuning")
+
+
+def extrapolation(cfg: DemoConfig, model_dir: Path):
+    """Held-out perplexity of the pretrained model at 1x, 2x, 4x its training length."""
+    import torch
+
+    from mptkit.data.tokenizer import load_tokenizer
+    from mptkit.eval.extrapolation import markdown_table, plot_curves, sweep, sweep_columns
+    from mptkit.eval.loading import load_model, read_texts
+    from mptkit.eval.perplexity import tokenize_documents
+
+    lengths = [cfg.train_len * m for m in cfg.multiples]
+    model = load_model(model_dir, max_seq_len=max(lengths))
+    documents = tokenize_documents(load_tokenizer(), read_texts(_resolve(cfg.heldout)))
+    documents = [d[: cfg.eval_tokens_per_book] for d in documents]
+    points = sweep(model, documents, lengths, autocast_dtype=torch.bfloat16 if cfg.precision == "bf16" else None)
+    columns = sweep_columns(points)
+    plot_curves(lengths, columns, cfg.train_len, cfg.out / "extrapolation.png",
+                f"held-out books: demo model trained at {cfg.train_len} tokens")
+    table = markdown_table(lengths, columns)
+    print(table, flush=True)
+    return points, table
+
+
+def check_model_card_loading(model_dir: Path, prompt: str) -> tuple[str, int]:
+    """Load the export exactly as the MPT model cards do and compare its logits with mptkit's;
+    returns the verdict and the parameter count."""
+    import torch
+    import transformers
+
+    from mptkit.model import MPTForCausalLM
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), trust_remote_code=True)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir))
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    ours = MPTForCausalLM.from_pretrained(str(model_dir)).eval()
+    with torch.no_grad():
+        difference = (model.eval()(ids).logits - ours(ids).logits).abs().max().item()
+    if difference > 1e-4:
+        raise RuntimeError(f"the model-card load of {model_dir} differs from mptkit's by {difference:.2e}")
+    verdict = f"{type(model).__module__}.{type(model).__name__}, logits equal to mptkit's (max |diff| {difference:.1e})"
+    return verdict, sum(p.numel() for p in model.parameters())
+
+
+def answer(cfg: DemoConfig, model_dir: Path, prompt: str) -> str:
+    """The instruct-template answer, streamed to the terminal as it is generated."""
+    from mptkit.data.templates import format_instruct
+    from mptkit.inference.commands import stop_token_ids
+    from mptkit.inference.decode import Decoder
+    from mptkit.inference.loading import load_for_inference
+    from mptkit.inference.sampling import SamplingParams
+    from mptkit.inference.text import GenerationRequest, stream_batch
+
+    loaded = load_for_inference(model_dir, dtype="float32")
+    tokenizer = loaded.tokenizer
+    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                            repetition_penalty=cfg.repetition_penalty, seed=cfg.seed)
+    request = GenerationRequest(tokenizer(format_instruct(prompt))["input_ids"], params,
+                                stop_token_ids(tokenizer, "instruct"))
+    print(f"### Instruction:\n{prompt}\n\n### Response:", flush=True)
+    pieces = []
+    for updates in stream_batch(Decoder(loaded.model), tokenizer, [request]):
+        for update in updates:
+            pieces.append(update.text)
+            sys.stdout.write(update.text)
+            sys.stdout.flush()
+    print(flush=True)
+    return "".join(pieces).strip()
+
+
+# ---- the summary ----------------------------------------------------------------------------------
+
+
+def usage_text(cfg: DemoConfig, model_dir: Path) -> str:
+    return f"""Load it with the MPT model card's code (transformers, trust_remote_code: the model's source
+files are saved beside the weights, so mptkit need not be installed):
+
+```python
+import transformers
+model = transformers.AutoModelForCausalLM.from_pretrained("{model_dir}", trust_remote_code=True)
+tokenizer = transformers.AutoTokenizer.from_pretrained("{model_dir}")
+# ALiBi: raise the context at load, as the StoryWriter card does
+config = transformers.AutoConfig.from_pretrained("{model_dir}", trust_remote_code=True)
+config.max_seq_len = 2048
+model = transformers.AutoModelForCausalLM.from_pretrained("{model_dir}", config=config, trust_remote_code=True)
+```
+
+Or with mptkit:
+
+```
+mptkit generate {model_dir} --template instruct --prompt "{MODEL_CARD_PROMPT}" --temperature {cfg.temperature} --seed {cfg.seed}
+mptkit chat {model_dir}
+mptkit serve {model_dir}        # OpenAI-compatible: POST /v1/completions, /v1/chat/completions
+mptkit eval extrapolate {model_dir.parent / 'base-model'} data/books/heldout --train-len {cfg.train_len}
+```"""
+
+
+def honesty_text(cfg: DemoConfig, parameters: int, pretrain_tokens: int, finetune_tokens: int) -> str:
+    embedding = 50432 * cfg.d_model
+    return f"""**What this model can and cannot do.** It has {parameters / 1e6:.1f}M parameters
+({embedding / 1e6:.1f}M of them the GPT-NeoX token embedding) and saw {pretrain_tokens / 1e6:.2f}M
+tokens of the bundled 19th/20th-century novels plus {finetune_tokens / 1e6:.2f}M tokens of instruction data,
+on two CPU cores for a few minutes. MPT-7B has 6.7B parameters and saw 1T tokens on 440 GPUs for
+9.5 days: about a million times more compute. So it *can*: produce English-looking words and
+punctuation in the style of the novels, follow the shape of the instruct template (it answers
+after "### Response:" and often stops with end-of-text), and, because ALiBi has no position table,
+read inputs 2x and 4x longer than any it was trained on without its perplexity blowing up (the
+table above). It *cannot*: know what REST or GraphQL are, follow an instruction's meaning, stay
+on topic for more than a few words, or be trusted for any fact. The answer above shows the
+pipeline works end to end; the same commands with `configs/pretrain/125m.yaml` (or a published
+MPT-7B checkpoint via `model.init_from`) on GPUs are how a useful model is made."""
+
+
+def write_summary(cfg: DemoConfig, facts: dict, table: str, reply: str, card_check: str, stages: Stages) -> Path:
+    model_dir, base_dir = cfg.out / "model", cfg.out / "base-model"
+    timing = "\n".join(f"| {title} | {seconds:.0f} s |" for title, seconds in stages.durations.items())
+    text = f"""# mptkit demo
+
+A {cfg.n_layers}-layer, {cfg.d_model}-wide ALiBi MPT ({facts['parameters'] / 1e6:.1f}M parameters, GPT-NeoX
+tokenizer) pretrained on the bundled novels at {cfg.train_len} tokens, then instruction-tuned.
+Total wall time {stages.elapsed() / 60:.1f} min on {os.cpu_count()} CPU thread(s), precision {cfg.precision}.
+
+## Pretraining
+
+{facts['pretrain_steps']} steps x {cfg.pretrain_batch} x {cfg.train_len} tokens ({facts['pretrain_tokens'] / 1e6:.2f}M tokens).
+Final train loss {facts['pretrain_loss']:.3f}; held-out books (Gatsby, Alice) validation loss
+{facts['pretrain_val_loss']:.3f} (perplexity {facts['pretrain_val_ppl']:.1f}).
+
+![pretraining loss](pretrain_loss.png)
+
+## Instruction tuning
+
+{facts['finetune_steps']} steps x {cfg.finetune_batch} examples of at most {cfg.finetune_len} tokens, MPT's instruct
+template, loss on the response tokens only. Final train loss {facts['finetune_loss']:.3f}; validation loss
+{facts['finetune_val_loss']:.3f}.
+
+![instruction-tuning loss](finetune_loss.png)
+
+## Extrapolation: trained at {cfg.train_len}, evaluated at up to {cfg.train_len * max(cfg.multiples)} tokens
+
+Perplexity of the pretrained model on the first {cfg.eval_tokens_per_book} tokens of each held-out book
+({facts['eval_tokens']} tokens scored at every length; sliding stride = 1/4 of the window).
+With ALiBi, longer windows give tokens more context and perplexity should stay flat or improve; a
+learned or rotary position model degrades past its training length (docs/extrapolation.md).
+
+{table}
+
+![extrapolation](extrapolation.png)
+
+## The model card's prompt
+
+Instruction: {MODEL_CARD_PROMPT}
+(instruct template, temperature {cfg.temperature}, top-p {cfg.top_p}, repetition penalty {cfg.repetition_penalty}, seed {cfg.seed})
+
+```
+{reply}
+```
+
+{honesty_text(cfg, facts['parameters'], facts['pretrain_tokens'], facts['finetune_tokens'])}
+
+## The checkpoints
+
+- `{model_dir}`: the instruction-tuned model, HF format (config.json, model.safetensors, the model's
+  source files, tokenizer). Model-card load check: {card_check}.
+- `{base_dir}`: the pretrained model before instruction tuning.
+
+{usage_text(cfg, model_dir)}
+
+## Time per stage
+
+| stage | wall time |
+|---|---:|
+{timing}
+"""
+    path = cfg.out / "summary.md"
+    path.write_text(text)
+    return path
+
+
+# ---- main -----------------------------------------------------------------------------------------
+
+
+def _final(losses: dict[int, float], last: int = 10) -> float:
+    steps = sorted(losses)[-last:]
+    return sum(losses[s] for s in steps) / len(steps)
+
+
+def run(cfg: DemoConfig) -> Path:
+    import math
+
+    from mptkit.train.export import export_checkpoint
+
+    stages = Stages(total=6)
+    for owned in ("pretrain", "finetune", "model", "base-model"):
+        shutil.rmtree(cfg.out / owned, ignore_errors=True)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    print(f"mptkit demo -> {cfg.out}/  (a small ALiBi MPT, end to end on {os.cpu_count()} CPU thread(s))", flush=True)
+
+    stages.begin("Pretraining on the bundled books (data/books/train; Gatsby and Alice held out)")
+    pre_config, pre = pretrain(cfg)
+    shutil.copyfile(Path(pre_config.output_dir) / "loss_curve.png", cfg.out / "pretrain_loss.png")
+
+    stages.begin("Instruction tuning with MPT's instruct template (data/instruct)")
+    ft_config, ft = finetune(cfg, pre.checkpoint)
+    shutil.copyfile(Path(ft_config.output_dir) / "loss_curve.png", cfg.out / "finetune_loss.png")
+
+    stages.begin("Exporting HF-format checkpoints")
+    export_checkpoint(pre.checkpoint, cfg.out / "base-model")
+    export_checkpoint(ft.checkpoint, cfg.out / "model")
+    card_check, parameters = check_model_card_loading(cfg.out / "model", MODEL_CARD_PROMPT)
+    print(f"[demo] wrote {cfg.out / 'model'} and {cfg.out / 'base-model'}; model-card load: {card_check}", flush=True)
+
+    stages.begin(f"Extrapolation: perplexity at {', '.join(f'{m}x' for m in cfg.multiples)} the training length")
+    points, table = extrapolation(cfg, cfg.out / "base-model")
+
+    stages.begin("Answering the model card's prompt with the instruct template")
+    reply = answer(cfg, cfg.out / "model", MODEL_CARD_PROMPT)
+
+    stages.begin("Writing the summary")
+    facts = {
+        "parameters": parameters,
+        "pretrain_steps": pre.step,
+        "pretrain_tokens": pre.step * cfg.pretrain_batch * cfg.train_len,
+        "pretrain_loss": _final(pre.losses),
+        "pretrain_val_loss": pre.val_loss,
+        "pretrain_val_ppl": math.exp(pre.val_loss),
+        "finetune_steps": ft.step,
+        "finetune_tokens": ft.step * cfg.finetune_batch * cfg.finetune_len,
+        "finetune_loss": _final(ft.losses),
+        "finetune_val_loss": ft.val_loss,
+        "eval_tokens": points[0].nonoverlapping.num_tokens,
+    }
+    stages.end()
+    summary = write_summary(cfg, facts, table, reply, card_check, stages)
+    (cfg.out / "summary.json").write_text(json.dumps(
+        {**facts, "extrapolation": [{"seq_len": p.seq_len, "nonoverlapping": p.nonoverlapping.perplexity,
+                                     "sliding": p.sliding.perplexity} for p in points],
+         "answer": reply, "seconds": stages.elapsed()}, indent=2))
+    print(f"\n{honesty_text(cfg, parameters, facts['pretrain_tokens'], facts['finetune_tokens'])}\n")
+    print(usage_text(cfg, cfg.out / "model"))
+    print(f"\nDone in {stages.elapsed() / 60:.1f} min. Summary: {summary} (loss curves and extrapolation plot beside it).")
+    return summary
+
+
+def main(command: str = "demo", argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mptkit demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=DemoConfig.out, help="output folder (default: out/demo)")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="training budget in minutes (default 7.5: pretraining 5.5, instruction tuning 2)")
+    parser.add_argument("--quick", action="store_true", default=os.environ.get("MPTKIT_DEMO_QUICK") == "1",
+                        help="a few steps of a toy model (for tests); also MPTKIT_DEMO_QUICK=1")
+    args = parser.parse_args(argv or [])
+    cfg = DemoConfig(out=args.out)
+    if args.quick:
+        cfg = dataclasses.replace(cfg, **QUICK)
+    elif args.minutes is not None:
+        total = cfg.pretrain.seconds + cfg.finetune.seconds
+        scale = args.minutes * 60 / total
+        cfg = dataclasses.replace(
+            cfg,
+            pretrain=dataclasses.replace(cfg.pretrain, seconds=cfg.pretrain.seconds * scale),
+            finetune=dataclasses.replace(cfg.finetune, seconds=cfg.finetune.seconds * scale),
+        )
+    run(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main("demo", sys.argv[1:]))
