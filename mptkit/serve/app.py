@@ -123,10 +123,15 @@ def _parse(model, raw: bytes):
     if not isinstance(data, dict):
         raise RequestError("The request body must be a JSON object.", code="invalid_json")
     try:
-        return model.model_validate(data)
+        body = model.model_validate(data)
     except ValidationError as e:
         message, param = validation_message(e)
         raise RequestError(message, param) from None
+    unsupported = body.unsupported()
+    if unsupported is not None:
+        raise RequestError(f"{unsupported}={getattr(body, unsupported)!r} is not supported by this server.",
+                           unsupported, "unsupported_parameter")
+    return body
 
 
 def _completion_prompts(prompt, tokenizer, vocab_size: int) -> list[list[int]]:
