@@ -299,6 +299,32 @@ class MPTModel(MPTPreTrainedModel):
     def set_input_embeddings(self, value):
         self.wte = value
 
+    # The forward pass in pieces, so that the static-cache decoder composes the same steps.
+    @property
+    def needs_positions(self) -> bool:
+        return hasattr(self, "wpe") or self.rope_theta is not None
+
+    def embed(self, x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings (B, S, d) -> block input: learned positions, embedding_fraction, dropout."""
+        if hasattr(self, "wpe"):
+            x = x + self.wpe(positions)
+        if self.embedding_fraction < 1:
+            # MPT's gradient shrink on the embedding (GLM-130B's stabiliser)
+            x = x * self.embedding_fraction + x.detach() * (1 - self.embedding_fraction)
+        return self.emb_drop(x)
+
+    def run_blocks(self, x: torch.Tensor, mask: MaskSpec, positions: torch.Tensor | None, cache) -> torch.Tensor:
+        """Every block, then the final norm. ALiBi slopes and RoPE angles are made once per pass."""
+        wide = torch.promote_types(x.dtype, torch.float32)
+        slopes = alibi_slopes(self.config.n_heads, self.alibi_bias_max, device=x.device, dtype=wide) if self.alibi else None
+        rope = rope_angles(positions, self.config.head_dim, self.rope_theta, wide) if self.rope_theta is not None else None
+        for block in self.blocks:
+            if self.gradient_checkpointing and self.training:
+                x = self._gradient_checkpointing_func(block.__call__, x, mask, slopes, self.prefix_lm, rope, None)
+            else:
+                x = block(x, mask, slopes, self.prefix_lm, rope, cache)
+        return self.norm_f(x)
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -313,7 +339,7 @@ class MPTModel(MPTPreTrainedModel):
     ) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        x = self.wte(input_ids) if inputs_embeds is None else inputs_embeds
+        x = self.wte(input_ids) if inputs_embeds is None else inputs_embeds  # (B, S, d)
         batch, length = x.shape[:2]
         use_cache = self.config.use_cache if use_cache is None else use_cache
         cache = cache if cache is not None else past_key_values  # the name before transformers 5.x
@@ -335,19 +361,14 @@ class MPTModel(MPTPreTrainedModel):
             raise ValueError(f"prefix_mask covers {prefix_mask.shape[-1]} tokens; expected {num_keys}")
 
         positions = None
-        if hasattr(self, "wpe") or self.rope_theta is not None:
+        if self.needs_positions:
             positions = token_positions(batch, length, past_length, attention_mask, sequence_id, x.device)
-        if hasattr(self, "wpe"):
-            if num_keys > self.config.max_seq_len:
-                raise ValueError(
-                    f"sequence of {num_keys} tokens exceeds max_seq_len={self.config.max_seq_len}: learned "
-                    "position embeddings cannot extrapolate (ALiBi can)"
-                )
-            x = x + self.wpe(positions)
-        if self.embedding_fraction < 1:
-            # MPT's gradient shrink on the embedding (GLM-130B's stabiliser)
-            x = x * self.embedding_fraction + x.detach() * (1 - self.embedding_fraction)
-        x = self.emb_drop(x)
+        if hasattr(self, "wpe") and num_keys > self.config.max_seq_len:
+            raise ValueError(
+                f"sequence of {num_keys} tokens exceeds max_seq_len={self.config.max_seq_len}: learned "
+                "position embeddings cannot extrapolate (ALiBi can)"
+            )
+        x = self.embed(x, positions)
 
         key_padding = None
         if attention_mask is not None and not bool(attention_mask.all()):
@@ -360,20 +381,7 @@ class MPTModel(MPTPreTrainedModel):
             prefix=prefix_mask.bool() if self.prefix_lm and prefix_mask is not None else None,
             sliding_window=self.sliding_window,
         )
-        slopes = None
-        if self.alibi:
-            wide = torch.promote_types(x.dtype, torch.float32)
-            slopes = alibi_slopes(self.config.n_heads, self.alibi_bias_max, device=x.device, dtype=wide)
-        rope = None
-        if self.rope_theta is not None:
-            rope = rope_angles(positions, self.config.head_dim, self.rope_theta, torch.promote_types(x.dtype, torch.float32))
-
-        for block in self.blocks:
-            if self.gradient_checkpointing and self.training:
-                x = self._gradient_checkpointing_func(block.__call__, x, mask, slopes, self.prefix_lm, rope, None)
-            else:
-                x = block(x, mask, slopes, self.prefix_lm, rope, cache)
-        x = self.norm_f(x)
+        x = self.run_blocks(x, mask, positions, cache)
         return BaseModelOutputWithPast(last_hidden_state=x, **{_CACHE_FIELD: cache if use_cache else None})
 
 
@@ -394,6 +402,14 @@ class MPTForCausalLM(MPTPreTrainedModel, GenerationMixin):
 
     def get_output_embeddings(self):
         return getattr(self, "lm_head", None)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final hidden states -> logits: the tied embedding (or an lm_head module) and logit_scale."""
+        head = getattr(self, "lm_head", None)
+        logits = head(hidden) if head is not None else F.linear(hidden, self.transformer.wte.weight)
+        if self.logit_multiplier is not None:
+            logits = logits * self.logit_multiplier
+        return logits
 
     def forward(
         self,
@@ -421,10 +437,7 @@ class MPTForCausalLM(MPTPreTrainedModel, GenerationMixin):
         hidden = out.last_hidden_state
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        head = self.lm_head.weight if hasattr(self, "lm_head") else self.transformer.wte.weight
-        logits = F.linear(hidden, head)  # (B, S, vocab)
-        if self.logit_multiplier is not None:
-            logits = logits * self.logit_multiplier
+        logits = self.compute_logits(hidden)  # (B, S, vocab)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(
