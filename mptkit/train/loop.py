@@ -88,7 +88,7 @@ def _initial_state(config: RunConfig, model_config: MPTConfig) -> dict[str, torc
     """Full starting weights, built on CPU so that they do not depend on device or world size."""
     if config.model.init_from is not None:
         pretrained = MPTForCausalLM.from_pretrained(config.model.init_from, config=model_config,
-                                                    torch_dtype=torch.float32)
+                                                    dtype=torch.float32)
         return pretrained.state_dict()
     with torch.device("meta"):
         model = MPTForCausalLM(model_config)
@@ -136,6 +136,15 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if "sequence_id" in batch:
         inputs["sequence_id"] = batch["sequence_id"]
     return inputs
+
+
+def forward_backward(model: nn.Module, batch: dict[str, torch.Tensor], autocast, scale) -> torch.Tensor:
+    """One micro-batch: backpropagate scale * (summed token cross-entropy); return the sum."""
+    with autocast:
+        logits = model(**model_inputs(batch)).logits
+    summed = cross_entropy_sum(logits, batch["labels"])
+    (summed * scale).backward()
+    return summed.detach()
 
 
 class LossWatch:
@@ -258,12 +267,8 @@ def run(config: RunConfig, env: DistributedEnv) -> TrainResult:
                 if env.is_distributed:
                     # Reduce-scatter gradients once per step, on the last micro-batch.
                     model.set_requires_gradient_sync(index == accumulation - 1)
-                with autocast:
-                    logits = model(**model_inputs(batch)).logits
-                summed = cross_entropy_sum(logits, batch["labels"])
                 # FSDP averages gradients over ranks; the world-size factor turns that into a sum.
-                (summed * (env.world_size / targets.float())).backward()
-                loss_sum += summed.detach()
+                loss_sum += forward_backward(model, batch, autocast, env.world_size / targets.float())
                 rows, length = batch["input_ids"].shape
                 step_tokens += rows * length
                 step_flops += rows * length * flops_per_token(n_params, model_config.n_layers, model_config.d_model,
@@ -317,9 +322,10 @@ def run(config: RunConfig, env: DistributedEnv) -> TrainResult:
     finally:
         bar.close()
         logger.close()
+        # Also after a halt: the curve shows how the loss went bad.
+        if env.is_main and config.logging.jsonl and config.logging.loss_curve_png and logger.jsonl_path.exists():
+            plot_loss_curve(logger.jsonl_path, output_dir / "loss_curve.png", config.name)
     result.step = step
-    if env.is_main and config.logging.jsonl and config.logging.loss_curve_png and logger.jsonl_path.exists():
-        plot_loss_curve(logger.jsonl_path, output_dir / "loss_curve.png", config.name)
     return result
 
 

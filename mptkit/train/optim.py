@@ -87,7 +87,8 @@ def build_optimizer(model: nn.Module, config: OptimizerConfig) -> torch.optim.Op
     # torch's AdamW decays by lr * weight_decay; dividing by the peak lr gives the decoupled form.
     for group in groups:
         group["weight_decay"] = group["weight_decay"] / config.lr
-    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps)
+    # fused: one kernel for the whole update (CPU and CUDA, sharded DTensor parameters included).
+    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps, fused=True)
 
 
 def lr_factor(step: int, schedule: ScheduleConfig, max_steps: int) -> float:
