@@ -8,7 +8,9 @@ held-out books at 128 .. 2048 tokens, nonoverlapping and sliding (stride = 1/4 o
     .venv/bin/python benchmarks/extrapolation.py --steps 800          # the issue's reference scale
     .venv/bin/python benchmarks/extrapolation.py --steps 20 --d-model 64 --n-layers 2 --eval-tokens 4096  # smoke
 
-Writes out/extrapolation/{results.json, table.md, nonoverlapping.png, sliding.png, <scheme>/...}.
+Writes out/extrapolation/{table.md, nonoverlapping.png, sliding.png} and out/extrapolation/<scheme>/
+{result.json, model/, loss_curve.png}. Schemes can run as parallel processes (--schemes rope, ...);
+the table is written once all three results exist (or with --table-only).
 The learned-position model gets a 2048-row table so that it can be run past 128 at all: rows
 128..2047 are never trained, which is what learned positions mean for extrapolation.
 """
@@ -62,6 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=17)
     p.add_argument("--out", type=Path, default=REPO / "out" / "extrapolation")
     p.add_argument("--reuse", action="store_true", help="evaluate already trained models in --out")
+    p.add_argument("--table-only", action="store_true", help="assemble table.md and plots from the result.json files")
     return p.parse_args(argv)
 
 
@@ -113,6 +116,42 @@ def train_scheme(args, scheme: str, shards: Path) -> dict:
     }
 
 
+def evaluate_scheme(args, scheme: str, documents, lengths, autocast) -> dict:
+    model = load_model(args.out / scheme / "model", max_seq_len=max(lengths))
+    started = time.perf_counter()
+    points = sweep(model, documents, lengths, stride_ratio=args.stride_ratio, autocast_dtype=autocast,
+                   label=f"{scheme} ")
+    return {
+        "eval_seconds": time.perf_counter() - started,
+        "lengths": lengths,
+        "nonoverlapping": [p.nonoverlapping.perplexity for p in points],
+        "sliding": [p.sliding.perplexity for p in points],
+        "tokens_scored": points[0].nonoverlapping.num_tokens,
+    }
+
+
+def write_table(args, schemes: list[str], lengths: list[int]) -> str:
+    """Assemble the table and plots from each scheme's result.json (schemes may run in parallel)."""
+    results = {s: json.loads((args.out / s / "result.json").read_text()) for s in schemes}
+    first = results[schemes[0]]
+    lines = [f"Trained at {args.train_len} tokens; perplexity on {first['tokens_scored']} held-out tokens "
+             f"(data/books/heldout: Gatsby and Alice)."]
+    lines.append("\n| scheme | train s/step | final train loss | eval s |\n|---|---:|---:|---:|")
+    for s in schemes:
+        r = results[s]
+        lines.append(f"| {LABELS[s]} | {r['seconds_per_step']:.2f} | {r['final_train_loss']:.3f} | {r['eval_seconds']:.0f} |")
+    sections = ["\n".join(lines)]
+    for mode in ("nonoverlapping", "sliding"):
+        columns = {LABELS[s]: results[s][mode] for s in schemes}
+        title = f"### {mode}" + (f" (stride = {args.stride_ratio:g} x eval length)" if mode == "sliding" else "")
+        sections.append(title + "\n\n" + markdown_table(lengths, columns))
+        plot_curves(lengths, columns, args.train_len, args.out / f"{mode}.png",
+                    f"held-out books, {mode}: trained at {args.train_len}")
+    table = "\n\n".join(sections)
+    (args.out / "table.md").write_text(table + "\n")
+    return table
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     schemes = args.schemes.split(",")
@@ -120,6 +159,9 @@ def main(argv=None) -> int:
     autocast = torch.bfloat16 if args.precision == "bf16" else None
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"torch threads {torch.get_num_threads()}; schemes {schemes}; eval lengths {lengths}", flush=True)
+    if args.table_only:
+        print(write_table(args, schemes, lengths))
+        return 0
 
     shards = args.out / "data" / f"books-train-seq{args.train_len}"
     if not (shards / "index.json").is_file():
@@ -129,40 +171,20 @@ def main(argv=None) -> int:
     documents = tokenize_documents(tokenizer, read_texts(books))
     if args.eval_tokens:
         documents = [d[: args.eval_tokens] for d in documents]
-    num_scored = sum(len(d) - 1 for d in documents)
-    print(f"held-out: {[b.name for b in books]}, {num_scored} tokens scored at every length", flush=True)
+    print(f"held-out: {[b.name for b in books]}, {sum(len(d) - 1 for d in documents)} tokens scored at every length",
+          flush=True)
 
-    results = json.loads((args.out / "results.json").read_text()) if args.reuse else {}
     for scheme in schemes:
-        entry = results.get(scheme, {})
-        if not args.reuse:
-            entry = train_scheme(args, scheme, shards)
-            print(f"[{scheme}] trained {args.steps} steps in {entry['train_seconds']:.0f} s "
-                  f"({entry['seconds_per_step']:.2f} s/step), final train loss {entry['final_train_loss']:.3f}", flush=True)
-        model = load_model(args.out / scheme / "model", max_seq_len=max(lengths))
-        started = time.perf_counter()
-        points = sweep(model, documents, lengths, stride_ratio=args.stride_ratio, autocast_dtype=autocast,
-                       label=f"{scheme} ")
-        entry["eval_seconds"] = time.perf_counter() - started
-        entry["nonoverlapping"] = [p.nonoverlapping.perplexity for p in points]
-        entry["sliding"] = [p.sliding.perplexity for p in points]
-        entry["tokens_scored"] = points[0].nonoverlapping.num_tokens
-        results[scheme] = entry
+        result_file = args.out / scheme / "result.json"
+        entry = json.loads(result_file.read_text()) if args.reuse else train_scheme(args, scheme, shards)
+        print(f"[{scheme}] trained {args.steps} steps in {entry['train_seconds']:.0f} s "
+              f"({entry['seconds_per_step']:.2f} s/step), final train loss {entry['final_train_loss']:.3f}", flush=True)
+        entry.update(evaluate_scheme(args, scheme, documents, lengths, autocast))
         print(f"[{scheme}] nonoverlapping {['%.1f' % v for v in entry['nonoverlapping']]}, "
               f"sliding {['%.1f' % v for v in entry['sliding']]} ({entry['eval_seconds']:.0f} s)", flush=True)
-        (args.out / "results.json").write_text(json.dumps(results, indent=2))
-
-    sections = [f"Trained at {args.train_len} tokens; perplexity on {num_scored} held-out tokens "
-                f"({', '.join(b.name for b in books)}); command: `{' '.join(['benchmarks/extrapolation.py', *sys.argv[1:]])}`"]
-    for mode in ("nonoverlapping", "sliding"):
-        columns = {LABELS[s]: results[s][mode] for s in schemes}
-        sections.append(f"### {mode}" + (f" (stride = {args.stride_ratio:g} x eval length)" if mode == "sliding" else "")
-                        + "\n\n" + markdown_table(lengths, columns))
-        plot_curves(lengths, columns, args.train_len, args.out / f"{mode}.png",
-                    f"held-out books, {mode}: trained at {args.train_len}")
-    table = "\n\n".join(sections)
-    (args.out / "table.md").write_text(table + "\n")
-    print("\n" + table)
+        result_file.write_text(json.dumps(entry, indent=2))
+    if all((args.out / s / "result.json").is_file() for s in SCHEMES):
+        print("\n" + write_table(args, list(SCHEMES), lengths))
     return 0
 
 

@@ -35,7 +35,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 def _data(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data", nargs="+", help="text files (one document each), JSONL, directories or globs")
     parser.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
-    parser.add_argument("--batch-tokens", type=int, default=4096, help="input tokens per forward pass")
+    parser.add_argument("--batch-tokens", type=int, default=1024, help="input tokens per forward pass (more helps on GPUs)")
 
 
 def _parser() -> argparse.ArgumentParser:

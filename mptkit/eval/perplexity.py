@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-DEFAULT_BATCH_TOKENS = 4096
+DEFAULT_BATCH_TOKENS = 1024  # more only grows the (tokens x vocab) logits; CPUs gain nothing (GPUs may)
 
 
 @dataclass(frozen=True)
