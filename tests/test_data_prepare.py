@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import random
 import shutil
 from pathlib import Path
 
@@ -12,7 +13,8 @@ import mptkit.data.prepare as prepare_module
 from mptkit.data.commands import main as data_main
 from mptkit.data.errors import DataError
 from mptkit.data.prepare import prepare_pretraining
-from mptkit.data.tokenizer import load_tokenizer
+from mptkit.data.sources import _split_text
+from mptkit.data.tokenizer import load_tokenizer, plain_backend
 
 FIXTURES = Path(__file__).parent / "data"
 REPO_DATA = Path(__file__).parent.parent / "data"
@@ -78,6 +80,21 @@ def test_long_documents_cut_into_pieces_keep_exact_tokens(tok, tmp_path):
     expected = direct_stream(tok, [alice])
     assert index["tokens_tokenized"] == len(expected)
     assert read_shards(tmp_path / "out").ravel().tolist() == expected[: index["num_tokens"]]
+
+
+def test_cut_points_never_change_tokens_on_adversarial_text(tok):
+    # Random mixes of spaces, newlines, tabs, NBSP, combining marks, contractions, emoji and
+    # special tokens, cut every ~7 characters: the pieces' tokens must equal the whole text's.
+    rng = random.Random(0)
+    alphabet = list("ab Z9 \n\t.,;'\"-") + ["  ", "\n\n", " \n", "é", "e\u0301", "🦊", "\u00a0", "\u3000",
+                                             "漢", "'s", "'ll", "<|endoftext|>", "<|im_start|>", "    "]
+    backend = plain_backend(tok)
+    for _ in range(200):
+        text = "".join(rng.choice(alphabet) for _ in range(400))
+        pieces, rest = _split_text(text, 7)
+        assert len(pieces) > 10 and "".join(pieces) + rest == text
+        cut = [i for e in backend.encode_batch(pieces + [rest], add_special_tokens=False) for i in e.ids]
+        assert cut == tok(text, add_special_tokens=False)["input_ids"], text
 
 
 def test_jsonl_field_and_in_memory_rows(tok, tmp_path):
