@@ -92,7 +92,7 @@ def test_cut_points_never_change_tokens_on_adversarial_text(tok):
     for _ in range(200):
         text = "".join(rng.choice(alphabet) for _ in range(400))
         pieces, rest = _split_text(text, 7)
-        assert len(pieces) > 10 and "".join(pieces) + rest == text
+        assert len(pieces) >= 5 and "".join(pieces) + rest == text
         cut = [i for e in backend.encode_batch(pieces + [rest], add_special_tokens=False) for i in e.ids]
         assert cut == tok(text, add_special_tokens=False)["input_ids"], text
 
