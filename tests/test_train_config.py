@@ -24,6 +24,16 @@ def test_every_example_config_validates(path):
     assert config.data.train
 
 
+@pytest.mark.parametrize("path", EXAMPLES[:3], ids=lambda p: p.name)
+def test_the_config_saved_beside_checkpoints_loads_back_unchanged(path, tmp_path):
+    import yaml
+
+    config = load_config(path, ["optimizer.lr=3e-4", "model.attn_config.alibi_bias_max=16"])
+    saved = tmp_path / "run_config.yaml"
+    saved.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    assert load_config(saved) == config
+
+
 def test_storywriter_raises_context_and_alibi_bias_max():
     config = load_config(REPO / "configs/finetune/storywriter.yaml")
     assert config.model.overrides["max_seq_len"] == 65536

@@ -181,7 +181,7 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML-ready dict (model overrides inlined, as in the file format)."""
         out = dataclasses.asdict(self)
-        model = out.pop("model")
+        model = out["model"]
         out["model"] = {"preset": model["preset"], "init_from": model["init_from"], **model["overrides"]}
         out["optimizer"]["betas"] = list(out["optimizer"]["betas"])
         return out

@@ -234,7 +234,12 @@ def run(config: RunConfig, env: DistributedEnv) -> TrainResult:
     logger = MetricsLogger(config.logging, output_dir, config.name, run_dict, enabled=env.is_main,
                            fresh=resume_from is None)
     if env.is_main:
-        start = f"resuming from {resume_from} at step {step}" if resume_from else "starting from scratch"
+        if resume_from is not None:
+            start = f"resuming from {resume_from} at step {step}"
+        elif config.model.init_from is not None:
+            start = f"starting from the weights of {init_checkpoint(config) or config.model.init_from}"
+        else:
+            start = f"starting from a fresh initialisation (seed {config.seed})"
         tqdm.write(f"[mptkit train] {config.name}: {n_params / 1e6:.1f}M parameters, {env.world_size} rank(s) on "
                    f"{env.device.type}, {train_cfg.precision}, global batch {train_cfg.global_batch_size} x {seq_len} "
                    f"tokens ({accumulation} accumulation step(s)); MFU against {peak:.2f} TFLOP/s ({peak_source}); "
