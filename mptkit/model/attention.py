@@ -3,71 +3,30 @@
 The model describes *what* may attend to what with a `MaskSpec` (causal, padding, packed
 documents, prefix-LM, sliding window) and passes ALiBi slopes; each backend decides *how*:
 
-- `torch`: the plain reference. Materialises (B, H, Sq, Sk) scores, fp32 softmax.
-- `sdpa`:  `scaled_dot_product_attention`; the ALiBi bias and mask become one dense float mask.
+- `torch`: the plain reference. Materialises (B, H, Sq, Sk) scores, softmax in fp32 (or wider).
+- `sdpa`:  `scaled_dot_product_attention`; the ALiBi bias and mask become one dense float mask,
+  except for a plain causal mask without ALiBi, which uses its fused `is_causal` kernel.
+- `flex`:  compiled FlexAttention, O(L) memory: ALiBi as a score_mod, masks as a block mask
+  (flex_attention.py).
+- `flash`: FlashAttention-2 with `alibi_slopes`, CUDA only, when flash-attn >= 2.4 is installed
+  (flash_attention.py).
+- `auto`:  per call, the fastest of these that computes the attention exactly (`choose_backend`).
 
-All backends share the ALiBi math in alibi.py and the mask rules in `MaskSpec.allowed`.
+All backends share the ALiBi math in alibi.py and the mask rules of `MaskSpec` (attention_masks.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from .alibi import alibi_bias
+from .attention_masks import MaskSpec, dense_bias
+from .flash_attention import flash_attention_backend, flash_unsupported_reason
+from .flex_attention import flex_attention_backend, flex_supported
 
-
-@dataclass
-class MaskSpec:
-    """Which keys each query may see.
-
-    Indices are positions in the key sequence (a KV cache included); the queries are the keys
-    `query_start .. query_start + Sq - 1`. Every per-token tensor covers all Sk keys.
-    """
-
-    # An int, or a 0-d tensor: a compiled decode step then reads its position from the tensor
-    # and does not recompile when the position moves.
-    query_start: int | torch.Tensor = 0
-    causal: bool = True
-    key_padding: torch.Tensor | None = None  # (B, Sk) bool, True = a real token
-    sequence_id: torch.Tensor | None = None  # (B, Sk) int, attention stays inside one document
-    prefix: torch.Tensor | None = None  # (B, Sk) bool, the bidirectional prefix of prefix-LM
-    sliding_window: int | None = None  # a query sees keys at most this far behind it
-
-    def allowed(self, num_queries: int, num_keys: int, device) -> torch.Tensor | None:
-        """Dense boolean mask (B or 1, 1, Sq, Sk), True = may attend; None when nothing is masked."""
-        query_index = (self.query_start + torch.arange(num_queries, device=device))[:, None]
-        key_index = torch.arange(num_keys, device=device)[None, :]
-        allowed = None
-
-        def both(a, b):
-            return b if a is None else a & b
-
-        if self.causal:
-            causal = key_index <= query_index
-            if self.prefix is not None:
-                # prefix tokens are visible to every query (and see each other both ways)
-                causal = causal[None] | self.prefix[:, None, :]
-            allowed = causal
-        if self.sliding_window is not None:
-            allowed = both(allowed, (query_index - key_index).abs() <= self.sliding_window)
-        if self.key_padding is not None:
-            allowed = both(allowed, self.key_padding[:, None, :])
-        if self.sequence_id is not None:
-            query_ids = self.sequence_id[:, self.query_start : self.query_start + num_queries]
-            allowed = both(allowed, query_ids[:, :, None] == self.sequence_id[:, None, :])
-        if allowed is None:
-            return None
-        if allowed.dim() == 2:
-            allowed = allowed[None]
-        # A query always sees itself: keeps rows of padding tokens finite (their outputs are unused)
-        # and changes nothing for real tokens, which may always attend to themselves.
-        allowed = allowed | (key_index == query_index)[None]
-        return allowed[:, None]
-
+__all__ = ["BACKENDS", "MaskSpec", "attend", "choose_backend", "resolve_backend"]
 
 AttentionBackend = Callable[..., torch.Tensor]
 
@@ -78,57 +37,43 @@ def _expand_kv(k: torch.Tensor, n_heads: int) -> torch.Tensor:
     return k if groups == 1 else k.repeat_interleave(groups, dim=1)
 
 
-def _dense_bias(q, k, mask: MaskSpec, alibi_slopes, alibi_symmetric) -> torch.Tensor | None:
-    """ALiBi bias plus -inf where attention is not allowed, fp32 (B|1, H|1, Sq, Sk); None if neither."""
-    num_queries, num_keys = q.shape[-2], k.shape[-2]
-    bias = None
-    if alibi_slopes is not None:
-        query_positions = mask.query_start + torch.arange(num_queries, device=q.device)
-        key_positions = torch.arange(num_keys, device=q.device)
-        bias = alibi_bias(alibi_slopes, query_positions, key_positions, symmetric=alibi_symmetric)
-    allowed = mask.allowed(num_queries, num_keys, q.device)
-    if allowed is not None:
-        blocked = torch.zeros(allowed.shape, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
-        blocked.masked_fill_(~allowed, float("-inf"))
-        bias = blocked if bias is None else bias + blocked
-    return bias
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    """Softmax and bias precision: fp32 at least (float64 stays float64 for exactness tests)."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def torch_attention(q, k, v, *, mask, alibi_slopes, alibi_symmetric, softmax_scale, dropout_p):
     """Reference path: q (B, H, Sq, D), k/v (B, Hkv, Sk, D) -> (B, H, Sq, D)."""
-    n_heads = q.shape[1]
+    n_heads, num_queries, num_keys = q.shape[1], q.shape[-2], k.shape[-2]
     k, v = _expand_kv(k, n_heads), _expand_kv(v, n_heads)
-    # softmax in fp32 at least (float64 stays float64 for exactness tests)
-    scores = torch.matmul(q, k.transpose(-1, -2)).to(torch.promote_types(q.dtype, torch.float32))
-    scores = scores * softmax_scale  # (B, H, Sq, Sk)
-    bias = _dense_bias(q, k, mask, alibi_slopes, alibi_symmetric)
+    scores = torch.matmul(q, k.transpose(-1, -2)).to(_wide(q.dtype)) * softmax_scale  # (B, H, Sq, Sk)
+    bias = dense_bias(mask, num_queries, num_keys, alibi_slopes, alibi_symmetric, q.device, _wide(q.dtype))
     if bias is not None:
         scores = scores + bias
+    del bias
     weights = torch.softmax(scores, dim=-1).to(v.dtype)
+    del scores
     if dropout_p:
         weights = F.dropout(weights, p=dropout_p)
     return torch.matmul(weights, v)
 
 
+def _plain_causal(mask: MaskSpec, alibi_slopes) -> bool:
+    """Causal with nothing else: what sdpa's fused kernels take without a dense mask."""
+    return mask.causal and alibi_slopes is None and not mask.has_per_token_rules and mask.sliding_window is None
+
+
 def sdpa_attention(q, k, v, *, mask, alibi_slopes, alibi_symmetric, softmax_scale, dropout_p):
     """`scaled_dot_product_attention`; a plain causal mask uses its fused `is_causal` path."""
     num_queries, num_keys = q.shape[-2], k.shape[-2]
-    plain_causal = (
-        mask.causal
-        and alibi_slopes is None
-        and mask.key_padding is None
-        and mask.sequence_id is None
-        and mask.prefix is None
-        and mask.sliding_window is None
-    )
     enable_gqa = k.shape[1] != q.shape[1]
-    if plain_causal and num_queries == num_keys:
+    if _plain_causal(mask, alibi_slopes) and num_queries == num_keys:
         return F.scaled_dot_product_attention(
             q, k, v, is_causal=True, scale=softmax_scale, dropout_p=dropout_p, enable_gqa=enable_gqa
         )
-    if plain_causal and num_queries == 1:  # one new token sees the whole cache
+    if _plain_causal(mask, alibi_slopes) and num_queries == 1:  # one new token sees the whole cache
         return F.scaled_dot_product_attention(q, k, v, scale=softmax_scale, dropout_p=dropout_p, enable_gqa=enable_gqa)
-    bias = _dense_bias(q, k, mask, alibi_slopes, alibi_symmetric)
+    bias = dense_bias(mask, num_queries, num_keys, alibi_slopes, alibi_symmetric, q.device, _wide(q.dtype))
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=bias.to(q.dtype), scale=softmax_scale, dropout_p=dropout_p, enable_gqa=enable_gqa
     )
@@ -137,15 +82,41 @@ def sdpa_attention(q, k, v, *, mask, alibi_slopes, alibi_symmetric, softmax_scal
 BACKENDS: dict[str, AttentionBackend] = {
     "torch": torch_attention,
     "sdpa": sdpa_attention,
+    "flex": flex_attention_backend,
+    "flash": flash_attention_backend,
 }
+
+# Below this many query x key scores `auto` keeps the dense sdpa path: building a bias of this size
+# costs less than flex's block mask and kernel launch, and needs no compilation. Measured on the
+# 2-core CPU (docs/benchmarks.md, "Attention"); GPUs use the same value, not measured.
+AUTO_FLEX_MIN_SCORES = 512 * 512
+
+
+def choose_backend(q, k, *, mask: MaskSpec, alibi_slopes, alibi_symmetric: bool = False, dropout_p: float = 0.0) -> str:
+    """What `auto` runs: the fastest backend that computes this attention exactly here.
+
+    - CUDA with flash-attn installed, half precision, masks it takes: `flash`.
+    - Causal without ALiBi or other masks, prefill or one-token decode: `sdpa` (fused, O(L)).
+    - One-token decode: `sdpa` (its dense bias is one row per head, O(Sk)).
+    - Long sequences with ALiBi or masks: `flex` (O(L) memory; faster than a dense bias).
+    - Otherwise `sdpa` with a dense bias: short sequences, dropout, dtypes or CPUs flex lacks.
+    """
+    num_queries, num_keys = q.shape[-2], k.shape[-2]
+    if flash_unsupported_reason(q, k, mask=mask, alibi_slopes=alibi_slopes, alibi_symmetric=alibi_symmetric) is None:
+        return "flash"
+    if _plain_causal(mask, alibi_slopes) and (num_queries == num_keys or num_queries == 1):
+        return "sdpa"
+    if num_queries == 1 or num_queries * num_keys < AUTO_FLEX_MIN_SCORES:
+        return "sdpa"
+    if dropout_p or q.dtype not in (torch.float32, torch.bfloat16, torch.float16) or not flex_supported(q.device):
+        return "sdpa"
+    return "flex"
 
 
 def resolve_backend(name: str) -> AttentionBackend:
-    """The function for an `attn_impl` name; `auto` picks the fastest correct one available."""
-    if name == "auto":
-        name = "sdpa"
+    """The function for an explicit `attn_impl` name (`auto` is resolved per call in `attend`)."""
     if name not in BACKENDS:
-        raise ValueError(f"attn_impl {name!r} is not available here; available: {sorted(BACKENDS)} and 'auto'")
+        raise ValueError(f"attn_impl {name!r} is not available; choose one of {sorted(BACKENDS)} or 'auto'")
     return BACKENDS[name]
 
 
@@ -162,6 +133,8 @@ def attend(
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """Attention of q (B, H, Sq, D) over k, v (B, Hkv, Sk, D); returns (B, H, Sq, D)."""
+    if impl == "auto":
+        impl = choose_backend(q, k, mask=mask, alibi_slopes=alibi_slopes, alibi_symmetric=alibi_symmetric, dropout_p=dropout_p)
     backend = resolve_backend(impl)
     return backend(
         q,
