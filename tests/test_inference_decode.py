@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mptkit.inference.decode import Decoder, Int8Linear, quantize_int8
+from mptkit.inference.decode import Decoder, Int8Linear, StaticKVCache, quantize_int8, streaming_linear
 from mptkit.inference.sampling import SamplingParams
 from mptkit.model import MPTConfig, MPTForCausalLM
 
@@ -129,10 +129,24 @@ def test_int8_model_stays_close_to_the_float_model():
         reference = model(torch.tensor([prompt])).logits[0, -1]
     quantized = quantize_int8(tiny_model(init_config={"init_std": 0.05}))
     decoder = Decoder(quantized)
-    from mptkit.inference.decode import StaticKVCache
-
     cache = StaticKVCache(quantized, 1, 20)
     tokens = torch.tensor([prompt])
     logits = decoder.prefill(tokens, torch.ones_like(tokens, dtype=torch.bool), cache)[0]
     relative = (logits - reference).norm() / reference.norm()
     assert relative < 0.02, relative
+
+
+def test_compiled_matrix_vector_products_match_float64():
+    """The decode step's bf16 and int8 products, compiled into fused multiply-reduce loops."""
+    torch.manual_seed(5)
+    weight, bias = torch.randn(96, 64), torch.randn(96)
+    x = torch.randn(1, 1, 64).bfloat16()
+    int8 = Int8Linear(weight, bias, torch.bfloat16)
+    gelu_then_linear = torch.compile(lambda x, w: streaming_linear(torch.nn.functional.gelu(x), w), fullgraph=True)
+    compiled_int8 = torch.compile(int8, fullgraph=True)
+    # the model rounds the GELU output to bf16 before the product; the product's output is bf16 too
+    reference = torch.nn.functional.gelu(x).double() @ weight.bfloat16().double().T
+    torch.testing.assert_close(gelu_then_linear(x, weight.bfloat16()).double(), reference, rtol=1e-2, atol=1e-2)
+    dequantized = int8.weight.double() * int8.scales.double()[:, None]
+    reference = x.double() @ dequantized.T + bias.bfloat16().double()
+    torch.testing.assert_close(compiled_int8(x).double(), reference, rtol=1e-2, atol=2e-2)
