@@ -127,27 +127,25 @@ def test_loss_watch_flags_non_finite_values_and_spikes():
 
 
 def test_a_diverging_run_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path):
-    # Resumed at step 2 with lr 1e30, the first update blows the weights up: the next loss is NaN.
-    overrides = pretrain_overrides(tmp_path, steps=2, **{
+    # At lr 1e30 the first update blows the weights up: step 1's loss is fine, step 2's is NaN.
+    overrides = pretrain_overrides(tmp_path / "stop", steps=10, **{
         "train.precision": "fp32", "schedule.name": "constant", "schedule.warmup_steps": 0,
-        "checkpoint.interval": 2, "train.grad_clip_norm": "null"})
-    config = load_config(PRETRAIN_YAML, overrides)
-    first = train(config)  # 2 healthy steps, a checkpoint at 2
-    config = load_config(PRETRAIN_YAML, overrides + ["train.max_steps=10", "optimizer.lr=1e30"])
+        "optimizer.lr": 1e30, "checkpoint.interval": 1, "train.grad_clip_norm": "null"})
     with pytest.raises(TrainingHalted) as info:
-        train(config)
+        train(load_config(PRETRAIN_YAML, overrides))
     message = str(info.value)
-    assert "stopping (anomaly.policy=stop" in message and "step_00000002" in message
-    assert first.checkpoint.name == "step_00000002"
-    # No checkpoint after the bad step: the newest is still the last good one.
-    assert latest_checkpoint(tmp_path / "checkpoints").name == "step_00000002"
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert "halted" in rows[-1]
+    assert message.startswith("step 2: loss is nan; stopping (anomaly.policy=stop")
+    assert "the last good checkpoint is" in message and "step_00000001" in message
+    # Nothing saved after the bad step: the newest checkpoint is the last good one.
+    assert latest_checkpoint(tmp_path / "stop" / "checkpoints").name == "step_00000001"
+    rows = [json.loads(line) for line in (tmp_path / "stop" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 2 and "halted" in rows[-1]
 
     # With policy skip the bad updates are skipped, and after max_consecutive_skips it stops too.
-    config = load_config(PRETRAIN_YAML, overrides + ["train.max_steps=10", "optimizer.lr=1e30",
-                                                     "anomaly.policy=skip", "anomaly.max_consecutive_skips=2"])
-    with pytest.raises(TrainingHalted, match=r"3 bad step\(s\) in a row"):
-        train(config)
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert sum("skipped" in r for r in rows) == 2
+    overrides = pretrain_overrides(tmp_path / "skip", steps=10, **{
+        "train.precision": "fp32", "schedule.name": "constant", "schedule.warmup_steps": 0,
+        "optimizer.lr": 1e30, "anomaly.policy": "skip", "anomaly.max_consecutive_skips": 2})
+    with pytest.raises(TrainingHalted, match=r"^step 4: .*3 bad step\(s\) in a row"):
+        train(load_config(PRETRAIN_YAML, overrides))
+    rows = [json.loads(line) for line in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "skipped" in r] == [2, 3]

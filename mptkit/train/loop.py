@@ -200,9 +200,10 @@ def run(config: RunConfig, env: DistributedEnv) -> TrainResult:
         raise ConfigError(f"train.global_batch_size={train_cfg.global_batch_size} is not a multiple of "
                           f"train.micro_batch_size={train_cfg.micro_batch_size} x world size {env.world_size}")
     accumulation = per_step_rank // train_cfg.micro_batch_size
-    random.seed(config.seed)
-    np.random.seed(config.seed)
-    torch.manual_seed(config.seed)
+    # Per-rank streams (dropout differs across ranks); the initial weights reseed with `seed` itself.
+    random.seed(config.seed + env.rank)
+    np.random.seed(config.seed + env.rank)
+    torch.manual_seed(config.seed + env.rank)
 
     model_config = resolve_model_config(config)
     seq_len = train_cfg.seq_len or model_config.max_seq_len
