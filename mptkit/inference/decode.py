@@ -28,6 +28,9 @@ from mptkit.model.modeling_mpt import rope_angles, token_positions
 from .sampling import BatchSampler, SamplingParams
 
 
+CACHE_LENGTH_STEP = 128
+
+
 class StaticKVCache:
     """Keys and values of every layer, (B, Hkv, max_length, D) each, written in place by index.
 
@@ -202,7 +205,10 @@ class Decoder:
             raise ValueError("generate: every prompt needs at least one token")
         if longest >= self.context_length:
             raise ValueError(f"prompt of {longest} tokens leaves no room in the context of {self.context_length}")
-        max_length = min(self.context_length, longest + max(p.max_new_tokens for p in params))
+        new_tokens = min(max(p.max_new_tokens for p in params), self.context_length - longest)
+        # cache lengths come in steps of CACHE_LENGTH_STEP, so that a compiled step is reused
+        # across generations of similar lengths
+        cache_length = min(self.context_length, -(-(longest + new_tokens) // CACHE_LENGTH_STEP) * CACHE_LENGTH_STEP)
         tokens = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
         valid = torch.zeros(len(prompts), longest, dtype=torch.bool)
         for row, prompt in enumerate(prompts):
@@ -212,9 +218,9 @@ class Decoder:
 
         sampler = BatchSampler(params, self.config.vocab_size, self.device)
         sampler.observe(tokens, valid)
-        cache = StaticKVCache(self.model, len(prompts), max_length)
+        cache = StaticKVCache(self.model, len(prompts), cache_length)
         next_tokens = sampler(self.prefill(tokens, valid, cache))
-        for _ in range(max_length - longest - 1):
+        for _ in range(new_tokens - 1):
             yield next_tokens
             sampler.observe(next_tokens[:, None])
             logits = self._step(next_tokens[:, None], cache)
