@@ -6,7 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mptkit.inference.decode import Decoder, Int8Linear, StaticKVCache, quantize_int8, streaming_linear
+from mptkit.inference.decode import (
+    Decoder,
+    Int8Linear,
+    StaticKVCache,
+    enable_compiled_decoding,
+    quantize_int8,
+    streaming_linear,
+)
 from mptkit.inference.sampling import SamplingParams
 from mptkit.model import MPTConfig, MPTForCausalLM
 
@@ -138,6 +145,7 @@ def test_int8_model_stays_close_to_the_float_model():
 
 def test_compiled_matrix_vector_products_match_float64():
     """The decode step's bf16 and int8 products, compiled into fused multiply-reduce loops."""
+    enable_compiled_decoding()
     torch.manual_seed(5)
     weight, bias = torch.randn(96, 64), torch.randn(96)
     x = torch.randn(1, 1, 64).bfloat16()

@@ -106,20 +106,20 @@ def _streams_as_reduction(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
-@torch.library.custom_op("mptkit::materialize", mutates_args=())
 def materialize(x: torch.Tensor) -> torch.Tensor:
-    """A copy that inductor cannot fuse into its consumer.
+    """`x` as a buffer of its own inside a compiled graph (a no-op outside one).
 
     Inductor inlines a pointwise producer (a LayerNorm, a GELU) into the reduction that reads it,
     which for a matrix-vector product recomputes the producer once per output row: 3072 erf
-    evaluations per row of down_proj. Materializing the activation vector first costs one copy.
+    evaluations per row of down_proj. Forcing the layout realizes the vector once, at no runtime
+    cost. Needs `enable_compiled_decoding()` first.
     """
-    return x.clone()
+    return torch.ops.prims.inductor_force_stride_order(x, x.stride())
 
 
-@materialize.register_fake
-def _(x: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(x)
+def enable_compiled_decoding() -> None:
+    """Register inductor's prims (`materialize` uses one); a heavy import, done only to compile."""
+    import torch._inductor.inductor_prims  # noqa: F401
 
 
 def streaming_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -164,7 +164,10 @@ class Decoder:
         self.device = model.transformer.wte.weight.device
         self.uses_positions = hasattr(model.transformer, "wpe") or model.transformer.rope_theta is not None
         use_streaming_linears(model)
-        self._step = torch.compile(self._decode_step, fullgraph=True) if compile else self._decode_step
+        self._step = self._decode_step
+        if compile:
+            enable_compiled_decoding()
+            self._step = torch.compile(self._decode_step, fullgraph=True)
 
     @property
     def context_length(self) -> int:
