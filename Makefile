@@ -20,6 +20,7 @@ test: venv
 	$(BIN)/python -m pytest -q --durations=15
 
 test-slow: venv
+	$(BIN)/pip install -q -e '.[harness]'
 	$(BIN)/python -m pytest -q -m slow
 
 demo: venv
