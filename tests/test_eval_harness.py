@@ -16,7 +16,7 @@ from mptkit.eval.commands import main
 from mptkit.eval.multiple_choice import encode_pair
 from mptkit.model import MPTConfig, MPTForCausalLM
 
-lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness is in the dev/harness extras")
+lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness is in the harness extra (make test-slow installs it)")
 
 ROWS = [
     {"context": "The capital of France is", "choices": [" Paris", " a banana split with cream"], "label": 0},
