@@ -242,18 +242,21 @@ def test_unknown_route_and_method_get_error_bodies(server):
 
 def test_32_concurrent_clients_get_their_own_answers(client, reference, server):
     prompts = [f"Client number {i} asks about topic {i * 7}" for i in range(32)]
-    expected = [reference(p, 8)[0] for p in prompts]
-    before = httpx.get(f"{server}/stats", timeout=10).json()
 
-    def ask(i):
-        if i % 2:
+    def ask(i, stream=False):
+        if stream:
             chunks = client.completions.create(model="m", prompt=prompts[i], max_tokens=8, temperature=0, stream=True)
             return "".join(c.choices[0].text for c in chunks)
         return client.completions.create(model="m", prompt=prompts[i], max_tokens=8, temperature=0).choices[0].text
 
+    # each request alone, one after the other: what every client must get when they all come at once
+    alone = [ask(i) for i in range(32)]
+    assert len(set(alone)) == 32
+    assert [alone[i] for i in (0, 13, 31)] == [reference(prompts[i], 8)[0] for i in (0, 13, 31)]
+    before = httpx.get(f"{server}/stats", timeout=10).json()
     with ThreadPoolExecutor(32) as pool:
-        answers = list(pool.map(ask, range(32)))
-    assert answers == expected
+        answers = list(pool.map(lambda i: ask(i, stream=bool(i % 2)), range(32)))
+    assert answers == alone
     after = httpx.get(f"{server}/stats", timeout=10).json()
     assert after["requests"] - before["requests"] == 32
     assert after["batches"] - before["batches"] < 32  # requests were batched together
@@ -276,6 +279,19 @@ def test_client_disconnect_stops_its_generation(server):
     # the server carries on
     assert httpx.post(f"{server}/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 2},
                       timeout=30).status_code == 200
+
+
+def test_client_giving_up_on_a_plain_request_stops_its_generation(server):
+    before = httpx.get(f"{server}/stats", timeout=10).json()
+    max_tokens = CONTEXT - 10
+    body = {"model": "m", "prompt": "Tell me everything.", "max_tokens": max_tokens, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server}/v1/completions", json=body, timeout=0.5)
+    deadline = time.time() + 20
+    while (stats := httpx.get(f"{server}/stats", timeout=10).json())["active"] and time.time() < deadline:
+        time.sleep(0.05)
+    assert stats["cancelled"] == before["cancelled"] + 1
+    assert stats["tokens_generated"] - before["tokens_generated"] < max_tokens // 2
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.5", "example.com", "::"])

@@ -241,13 +241,18 @@ class _Reply:
 
         tasks = [asyncio.create_task(forward(i, job)) for i, job in enumerate(self.jobs)]
         remaining = len(self.jobs)
+        checked = time.monotonic()
         try:
             while remaining:
                 try:
                     index, event = await asyncio.wait_for(merged.get(), DISCONNECT_POLL_S)
                 except asyncio.TimeoutError:
+                    index, event = None, None
+                if time.monotonic() - checked >= DISCONNECT_POLL_S:
+                    checked = time.monotonic()
                     if await request.is_disconnected():
                         return
+                if event is None:
                     continue
                 if event.error is not None:
                     raise GenerationFailed(event.error)

@@ -50,7 +50,10 @@ class Job:
     done: bool = False
 
     def post(self, event: Event) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the event loop has closed (server shutting down): nobody is listening
+            pass
 
     def cancel(self) -> None:
         self.cancelled.set()
