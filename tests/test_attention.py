@@ -129,7 +129,7 @@ def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 @pytest.fixture
 def small_backward_blocks(monkeypatch):
     """Make flex's CPU backward take many small query blocks, so block boundaries are exercised."""
-    monkeypatch.setattr(flex_module, "_BACKWARD_BLOCK_ELEMENTS", 20_000)
+    monkeypatch.setattr(flex_module, "_BACKWARD_ROWS", (16, 48))
 
 
 # fp32: a few ulps of accumulated rounding; bf16: the inputs' own precision (2^-8) over a few steps.

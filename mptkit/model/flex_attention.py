@@ -20,11 +20,13 @@ per-token tensors.)
 On CPU the compiled kernel has no backward. `_FlexWithBlockwiseBackward` keeps the flex forward
 and recomputes the gradients one block of queries at a time in plain torch: O(block x Sk) memory.
 On GPU flex's own backward kernel is used.
+
+Compiled code is cached on disk by inductor (/tmp/torchinductor_$USER, or TORCHINDUCTOR_CACHE_DIR):
+a new process re-traces each shape in a second or two instead of compiling it again.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -44,8 +46,11 @@ _RECOMPILE_LIMIT = 256
 # construction never materialises it but costs a compilation per padded shape. Decode steps
 # (one query) always compile: once per cache size, then well under a millisecond per step.
 _COMPILED_MASK_MIN_SCORES = 1024 * 1024
-# Scores per query block in the CPU backward: 2^24 fp32 values = 64 MB per intermediate.
-_BACKWARD_BLOCK_ELEMENTS = 1 << 24
+# Query rows per block of the CPU backward: up to 2^24 scores (64 MB per fp32 intermediate), at
+# least 32 rows (matmuls stay efficient; memory stays linear in the length), at most 256 rows (under
+# a causal mask a block stops at its last query's key, so small blocks skip most masked scores).
+_BACKWARD_BLOCK_SCORES = 1 << 24
+_BACKWARD_ROWS = (32, 256)
 _FLEX_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -189,6 +194,8 @@ def flex_attention_backend(q, k, v, *, mask, alibi_slopes, alibi_symmetric, soft
     if q.dtype not in _FLEX_DTYPES:
         raise NotImplementedError(f"attn_impl 'flex' runs in {[str(d) for d in _FLEX_DTYPES]}, not {q.dtype}")
     num_queries, num_keys = q.shape[-2], k.shape[-2]
+    if torch.compiler.is_compiling() and q.device.type == "cpu":
+        return _inside_callers_compile(q, k, v, mask, alibi_slopes, alibi_symmetric, softmax_scale)
     plan = _plan(mask, num_queries, num_keys, q.device)
     score_mod = None
     if alibi_slopes is not None:
@@ -211,6 +218,23 @@ def flex_attention_backend(q, k, v, *, mask, alibi_slopes, alibi_symmetric, soft
     if needs_grad and q.device.type == "cpu":
         return _FlexWithBlockwiseBackward.apply(q, k, v, run, mask, alibi_slopes, alibi_symmetric, softmax_scale)
     return run(q, k, v)
+
+
+def _inside_callers_compile(q, k, v, mask, alibi_slopes, alibi_symmetric, softmax_scale):
+    """Flex called inside the caller's own torch.compile on CPU (e.g. a compiled decode step).
+
+    Inductor's CPU flex lowering (torch 2.13) rejects masks and padding computed inside the
+    caller's graph. A one-query step costs O(Sk) with a dense bias too, so it takes that path.
+    """
+    if q.shape[-2] != 1:
+        raise NotImplementedError(
+            "attn_impl 'flex' on CPU inside torch.compile supports one-query decode steps only; "
+            "flex compiles itself, so run the model without torch.compile (or use 'auto')"
+        )
+    bias = dense_bias(mask, 1, k.shape[-2], alibi_slopes, alibi_symmetric, q.device, torch.promote_types(q.dtype, torch.float32))
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=None if bias is None else bias.to(q.dtype), scale=softmax_scale, enable_gqa=q.shape[1] != k.shape[1]
+    )
 
 
 def _pad_length(x: torch.Tensor, length: int) -> torch.Tensor:
@@ -252,7 +276,8 @@ def blockwise_attention_backward(q, k, v, out, grad_out, mask, alibi_slopes, ali
     grad_v = torch.zeros(v.shape, dtype=wide, device=v.device)
     # Causal without a prefix: a block of queries sees no key after its last query.
     keys_stop_at_queries = mask.causal and mask.prefix is None and isinstance(mask.query_start, int)
-    rows = max(1, min(num_queries, _BACKWARD_BLOCK_ELEMENTS // (batch * n_heads * num_keys)))
+    fewest, most = _BACKWARD_ROWS
+    rows = min(most, max(fewest, _BACKWARD_BLOCK_SCORES // (batch * n_heads * num_keys)))
 
     def grouped(x, begin, end):  # (B, H, S, D) rows begin..end -> (B, Hkv, G, rows, D)
         return x[:, :, begin:end].unflatten(1, (kv_heads, groups))
@@ -263,7 +288,8 @@ def blockwise_attention_backward(q, k, v, out, grad_out, mask, alibi_slopes, ali
         k_block, v_block = k[:, :, None, :keys], v[:, :, None, :keys]  # (B, Hkv, 1, K, D)
         q_block, do_block, out_block = grouped(q, begin, end), grouped(grad_out, begin, end), grouped(out, begin, end)
 
-        scores = torch.matmul(q_block, k_block.transpose(-1, -2)).to(wide) * softmax_scale  # (B, Hkv, G, C, K)
+        # in-place updates below act on fresh matmul outputs: one pass each, no extra copies
+        scores = torch.matmul(q_block, k_block.transpose(-1, -2)).to(wide).mul_(softmax_scale)  # (B, Hkv, G, C, K)
         bias = dense_bias(mask.query_block(begin, end, keys), end - begin, keys, alibi_slopes, alibi_symmetric, q.device, wide)
         if bias is not None:  # (B|1, H|1, C, K) -> (B|1, Hkv|1, G|1, C, K)
             scores += bias.unflatten(1, (kv_heads, groups)) if bias.shape[1] == n_heads else bias[:, :, None]
@@ -271,9 +297,9 @@ def blockwise_attention_backward(q, k, v, out, grad_out, mask, alibi_slopes, ali
         del scores, bias
         row_dot = (do_block.to(wide) * out_block.to(wide)).sum(-1, keepdim=True)  # (B, Hkv, G, C, 1)
         grad_v[:, :, :keys] += torch.matmul(probs.to(v.dtype).transpose(-1, -2), do_block).sum(2, dtype=wide)
-        grad_scores = probs * (torch.matmul(do_block, v_block.transpose(-1, -2)).to(wide) - row_dot)
+        grad_scores = torch.matmul(do_block, v_block.transpose(-1, -2)).to(wide)
+        grad_scores = grad_scores.sub_(row_dot).mul_(probs).mul_(softmax_scale).to(q.dtype)
         del probs
-        grad_scores = (grad_scores * softmax_scale).to(q.dtype)
         grad_q[:, :, begin:end] = torch.matmul(grad_scores, k_block).flatten(1, 2)
         grad_k[:, :, :keys] += torch.matmul(grad_scores.transpose(-1, -2), q_block).sum(2, dtype=wide)
     return grad_q, grad_k.to(k.dtype), grad_v.to(v.dtype)
