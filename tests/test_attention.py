@@ -9,6 +9,7 @@ with symmetric ALiBi, sliding window, a KV cache) and lengths that are not multi
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -269,3 +270,35 @@ def test_static_lengths_pad_little_and_share_compiled_kernels(length, expected):
     padded = flex_module.static_length(length)
     assert padded == expected
     assert padded - length < flex_module.BLOCK_SIZE or padded <= 1.25 * length
+
+
+def test_flex_one_query_step_inside_a_callers_compile_matches_reference():
+    """A compiled decode step (inference's Decoder) with attn_impl flex: the one-query call is
+    traced into the caller's graph (dense O(Sk) path, see flex_attention._inside_callers_compile)."""
+    q, k, v, rules, _, _ = _inputs("kv-cache-gqa-padding", torch.float32)
+    q = q[:, :, -1:]
+    position = torch.tensor([k.shape[2] - 1])  # a tensor position, as the static-cache decoder passes
+    slopes = alibi_slopes(q.shape[1])
+
+    def step(q, k, v, position):
+        mask = MaskSpec(query_start=position, key_padding=rules["key_padding"])
+        return attend(q, k, v, impl="flex", mask=mask, alibi_slopes=slopes, softmax_scale=0.25)
+
+    out = torch.compile(step, fullgraph=True)(q, k, v, position)
+    expected = reference_attention(q, k, v, slopes=slopes.double(), symmetric=False, scale=0.25,
+                                   query_start=k.shape[2] - 1, key_padding=rules["key_padding"])
+    assert _relative_error(out, expected) < TOLERANCE[torch.float32]
+
+
+def test_model_files_import_only_torch_and_transformers():
+    """Remote code: transformers checks the imports of every file saved beside a checkpoint;
+    optional ones (flash_attn, triton) must sit in try blocks, which its checker skips."""
+    import importlib.util
+    from pathlib import Path
+
+    from transformers.dynamic_module_utils import get_imports
+
+    model_dir = Path(importlib.util.find_spec("mptkit.model").origin).parent
+    allowed = set(sys.stdlib_module_names) | {"torch", "transformers"}
+    for path in model_dir.glob("*.py"):
+        assert set(get_imports(path)) <= allowed, path.name
