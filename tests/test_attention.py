@@ -224,8 +224,8 @@ def test_flex_forward_allocates_o_of_l_while_torch_allocates_h_l_squared():
 # auto
 
 
-def _auto(num_queries, num_keys, *, alibi=True, dropout_p=0.0, dtype=torch.float32, **rules):
-    q = torch.zeros(1, 4, num_queries, HEAD_DIM, dtype=dtype)
+def _auto(num_queries, num_keys, *, alibi=True, dropout_p=0.0, dtype=torch.float32, training=False, **rules):
+    q = torch.zeros(1, 4, num_queries, HEAD_DIM, dtype=dtype, requires_grad=training)
     k = torch.zeros(1, 4, num_keys, HEAD_DIM, dtype=dtype)
     return choose_backend(
         q, k, mask=MaskSpec(query_start=num_keys - num_queries, **rules),
@@ -238,6 +238,8 @@ def test_auto_choice_on_cpu():
     assert _auto(4096, 4096, key_padding=torch.ones(1, 4096, dtype=torch.bool), alibi=False) == "flex"
     assert _auto(4096, 4096, dtype=torch.bfloat16) == "flex"
     assert _auto(256, 256) == "sdpa"  # short: a dense bias is cheaper than flex's setup
+    assert _auto(768, 768) == "flex" and _auto(768, 768, training=True) == "sdpa"  # CPU backward: later
+    assert _auto(2048, 2048, training=True) == "flex"
     assert _auto(1, 8192) == "sdpa"  # one-token decode: the bias is one row per head
     assert _auto(4096, 4096, alibi=False) == "sdpa"  # plain causal: sdpa's fused kernel
     assert _auto(4096, 4096, dropout_p=0.1) == "sdpa"  # flex has no dropout

@@ -88,8 +88,11 @@ BACKENDS: dict[str, AttentionBackend] = {
 
 # Below this many query x key scores `auto` keeps the dense sdpa path: building a bias of this size
 # costs less than flex's block mask and kernel launch, and needs no compilation. Measured on the
-# 2-core CPU (docs/benchmarks.md, "Attention"); GPUs use the same value, not measured.
+# 2-core CPU (docs/benchmarks.md, "Attention"): forward, flex wins from ~512 tokens; forward +
+# backward (flex's CPU backward is blockwise torch), from ~1024. GPUs use the forward value, not
+# measured.
 AUTO_FLEX_MIN_SCORES = 512 * 512
+AUTO_FLEX_MIN_SCORES_CPU_TRAINING = 1024 * 1024
 
 
 def choose_backend(q, k, *, mask: MaskSpec, alibi_slopes, alibi_symmetric: bool = False, dropout_p: float = 0.0) -> str:
@@ -98,7 +101,8 @@ def choose_backend(q, k, *, mask: MaskSpec, alibi_slopes, alibi_symmetric: bool 
     - CUDA with flash-attn installed, half precision, masks it takes: `flash`.
     - Causal without ALiBi or other masks, prefill or one-token decode: `sdpa` (fused, O(L)).
     - One-token decode: `sdpa` (its dense bias is one row per head, O(Sk)).
-    - Long sequences with ALiBi or masks: `flex` (O(L) memory; faster than a dense bias).
+    - Long sequences with ALiBi or masks: `flex` (O(L) memory; faster than a dense bias); on CPU
+      "long" starts at 512 tokens, or 1024 when gradients are needed.
     - Otherwise `sdpa` with a dense bias: short sequences, dropout, dtypes or CPUs flex lacks.
     """
     num_queries, num_keys = q.shape[-2], k.shape[-2]
@@ -106,7 +110,9 @@ def choose_backend(q, k, *, mask: MaskSpec, alibi_slopes, alibi_symmetric: bool 
         return "flash"
     if _plain_causal(mask, alibi_slopes) and (num_queries == num_keys or num_queries == 1):
         return "sdpa"
-    if num_queries == 1 or num_queries * num_keys < AUTO_FLEX_MIN_SCORES:
+    training = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+    min_scores = AUTO_FLEX_MIN_SCORES_CPU_TRAINING if training and q.device.type == "cpu" else AUTO_FLEX_MIN_SCORES
+    if num_queries == 1 or num_queries * num_keys < min_scores:
         return "sdpa"
     if dropout_p or q.dtype not in (torch.float32, torch.bfloat16, torch.float16) or not flex_supported(q.device):
         return "sdpa"
