@@ -96,16 +96,21 @@ def plot_curves(
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    finite = []
     for name, values in series.items():
         xs = [x for x, v in zip(lengths, values) if v is not None and not math.isnan(v)]
         ys = [v for v in values if v is not None and not math.isnan(v)]
+        finite += ys
         ax.plot(xs, ys, marker="o", label=name)
     ax.axvline(train_len, color="grey", linestyle="--", linewidth=1, label=f"training length {train_len}")
     ax.set_xscale("log", base=2)
     ax.set_xticks(list(lengths), [str(x) for x in lengths])
-    ax.set_yscale("log")
+    # a log axis only when the curves span more than a decade (an exploding baseline)
+    logarithmic = bool(finite) and max(finite) > 10 * min(finite)
+    if logarithmic:
+        ax.set_yscale("log")
     ax.set_xlabel("evaluation length (tokens)")
-    ax.set_ylabel("perplexity (log scale)")
+    ax.set_ylabel("perplexity" + (" (log scale)" if logarithmic else ""))
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
