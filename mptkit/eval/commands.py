@@ -1,4 +1,4 @@
-"""`mptkit eval perplexity | extrapolate | multiple-choice`."""
+"""`mptkit eval perplexity | extrapolate | multiple-choice | harness-task`."""
 
 from __future__ import annotations
 
@@ -6,8 +6,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-
-SUBCOMMANDS = ("perplexity", "extrapolate", "multiple-choice", "harness-task")
 
 
 def main(command: str, argv: list[str]) -> int:
