@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import shutil
 import sys
@@ -287,7 +288,14 @@ def check_model_card_loading(model_dir: Path, prompt: str) -> tuple[str, int]:
     return verdict, sum(p.numel() for p in model.parameters())
 
 
-def answer(cfg: DemoConfig, model_dir: Path, prompt: str) -> str:
+@dataclass(frozen=True)
+class Reply:
+    text: str
+    finish_reason: str  # "stop": the model ended it with end-of-text; "length": it hit the cap
+    tokens: int
+
+
+def answer(cfg: DemoConfig, model_dir: Path, prompt: str) -> Reply:
     """The instruct-template answer, streamed to the terminal as it is generated."""
     from mptkit.data.templates import format_instruct
     from mptkit.inference.commands import stop_token_ids
@@ -303,14 +311,15 @@ def answer(cfg: DemoConfig, model_dir: Path, prompt: str) -> str:
     request = GenerationRequest(tokenizer(format_instruct(prompt))["input_ids"], params,
                                 stop_token_ids(tokenizer, "instruct"))
     print(f"### Instruction:\n{prompt}\n\n### Response:", flush=True)
-    pieces = []
+    pieces, last = [], None
     for updates in stream_batch(Decoder(loaded.model), tokenizer, [request]):
         for update in updates:
             pieces.append(update.text)
+            last = update
             sys.stdout.write(update.text)
             sys.stdout.flush()
     print(flush=True)
-    return "".join(pieces).strip()
+    return Reply("".join(pieces).strip(), last.finish_reason, last.generated)
 
 
 # ---- the summary ----------------------------------------------------------------------------------
@@ -340,23 +349,32 @@ mptkit eval extrapolate {model_dir.parent / 'base-model'} data/books/heldout --t
 ```"""
 
 
-def honesty_text(cfg: DemoConfig, parameters: int, pretrain_tokens: int, finetune_tokens: int) -> str:
-    embedding = 50432 * cfg.d_model
-    return f"""**What this model can and cannot do.** It has {parameters / 1e6:.1f}M parameters
-({embedding / 1e6:.1f}M of them the GPT-NeoX token embedding) and saw {pretrain_tokens / 1e6:.2f}M
-tokens of the bundled 19th/20th-century novels plus {finetune_tokens / 1e6:.2f}M tokens of instruction data,
-on two CPU cores for a few minutes. MPT-7B has 6.7B parameters and saw 1T tokens on 440 GPUs for
-9.5 days: about a million times more compute. So it *can*: produce English-looking words and
-punctuation in the style of the novels, follow the shape of the instruct template (it answers
-after "### Response:" and often stops with end-of-text), and, because ALiBi has no position table,
-read inputs 2x and 4x longer than any it was trained on without its perplexity blowing up (the
-table above). It *cannot*: know what REST or GraphQL are, follow an instruction's meaning, stay
-on topic for more than a few words, or be trusted for any fact. The answer above shows the
-pipeline works end to end; the same commands with `configs/pretrain/125m.yaml` (or a published
-MPT-7B checkpoint via `model.init_from`) on GPUs are how a useful model is made."""
+def honesty_text(cfg: DemoConfig, facts: dict) -> str:
+    """What the run shows and what it cannot, stated from this run's own measurements."""
+    seen = facts["pretrain_tokens"] + facts["finetune_tokens"]
+    compute_ratio = (6.65e9 * 1e12) / (facts["parameters"] * seen)  # MPT-7B: 6.65B parameters x 1T tokens
+    longest = cfg.multiples[-1]
+    change = facts["extrapolation"][-1]["nonoverlapping"] / facts["extrapolation"][0]["nonoverlapping"] - 1
+    if facts["answer_finish"] == "stop":
+        ending = f"it ended its answer itself with end-of-text after {facts['answer_tokens']} tokens"
+    else:
+        ending = f"it did not end its answer by itself within {facts['answer_tokens']} tokens"
+    return f"""**What this model can and cannot do.** It has {facts['parameters'] / 1e6:.1f}M parameters
+({50432 * cfg.d_model / 1e6:.1f}M of them the GPT-NeoX token embedding) and was trained on
+{facts['pretrain_tokens'] / 1e6:.2f}M tokens of novels and {facts['finetune_tokens'] / 1e6:.2f}M tokens of instructions,
+on CPU cores for a few minutes: about 10^{round(math.log10(compute_ratio))} times less compute than MPT-7B
+(6.7B parameters, 1T tokens, 440 GPUs for 9.5 days). What it shows: on held-out novels it reaches a
+perplexity of {facts['pretrain_val_ppl']:.0f} (guessing uniformly over the vocabulary would score 50,277); given the
+instruct template, {ending}; and, because ALiBi has no position table, its perplexity at {longest}x the
+training length is {abs(change):.1%} {'lower' if change < 0 else 'higher'} than at 1x (learned and rotary
+positions degrade there: docs/extrapolation.md). What it cannot do: know what REST or GraphQL are,
+follow an instruction's meaning, stay coherent beyond a few words, or state facts. Read the answer
+above as a smoke test of the pipeline (tokenizer, template, fine-tuning, export, generation), not
+of the model. The same commands with `configs/pretrain/125m.yaml` on GPUs, or a published MPT-7B
+checkpoint as `model.init_from`, are how a useful model is made."""
 
 
-def write_summary(cfg: DemoConfig, facts: dict, table: str, reply: str, card_check: str, stages: Stages) -> Path:
+def write_summary(cfg: DemoConfig, facts: dict, table: str, card_check: str, stages: Stages) -> Path:
     model_dir, base_dir = cfg.out / "model", cfg.out / "base-model"
     timing = "\n".join(f"| {title} | {seconds:.0f} s |" for title, seconds in stages.durations.items())
     text = f"""# mptkit demo
@@ -398,10 +416,10 @@ Instruction: {MODEL_CARD_PROMPT}
 (instruct template, temperature {cfg.temperature}, top-p {cfg.top_p}, repetition penalty {cfg.repetition_penalty}, seed {cfg.seed})
 
 ```
-{reply}
+{facts['answer']}
 ```
 
-{honesty_text(cfg, facts['parameters'], facts['pretrain_tokens'], facts['finetune_tokens'])}
+{honesty_text(cfg, facts)}
 
 ## The checkpoints
 
@@ -431,8 +449,6 @@ def _final(losses: dict[int, float], last: int = 10) -> float:
 
 
 def run(cfg: DemoConfig) -> Path:
-    import math
-
     from mptkit.train.export import export_checkpoint
 
     stages = Stages(total=6)
@@ -474,14 +490,18 @@ def run(cfg: DemoConfig) -> Path:
         "finetune_loss": _final(ft.losses),
         "finetune_val_loss": ft.val_loss,
         "eval_tokens": points[0].nonoverlapping.num_tokens,
+        "extrapolation": [
+            {"seq_len": p.seq_len, "nonoverlapping": p.nonoverlapping.perplexity, "sliding": p.sliding.perplexity}
+            for p in points
+        ],
+        "answer": reply.text,
+        "answer_finish": reply.finish_reason,
+        "answer_tokens": reply.tokens,
     }
     stages.end()
-    summary = write_summary(cfg, facts, table, reply, card_check, stages)
-    (cfg.out / "summary.json").write_text(json.dumps(
-        {**facts, "extrapolation": [{"seq_len": p.seq_len, "nonoverlapping": p.nonoverlapping.perplexity,
-                                     "sliding": p.sliding.perplexity} for p in points],
-         "answer": reply, "seconds": stages.elapsed()}, indent=2))
-    print(f"\n{honesty_text(cfg, parameters, facts['pretrain_tokens'], facts['finetune_tokens'])}\n")
+    summary = write_summary(cfg, facts, table, card_check, stages)
+    (cfg.out / "summary.json").write_text(json.dumps({**facts, "seconds": stages.elapsed()}, indent=2))
+    print(f"\n{honesty_text(cfg, facts)}\n")
     print(usage_text(cfg, cfg.out / "model"))
     print(f"\nDone in {stages.elapsed() / 60:.1f} min. Summary: {summary} (loss curves and extrapolation plot beside it).")
     return summary
