@@ -71,24 +71,37 @@ def build_models(args, device: torch.device) -> dict[str, torch.nn.Module]:
     return {name: model.to(device).train() for name, model in models.items()}
 
 
-def time_steps(model, batch, precision: str, device: torch.device, steps: int, warmup: int) -> float:
-    """Median seconds of one full optimizer step; a fresh AdamW so both models pay its first step."""
-    optimizer = build_optimizer(model, OptimizerConfig(name="adamw", lr=1e-4, weight_decay=0.0))
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-    scale = 1.0 / target_count(batch["labels"]).float()
-    times = []
-    for i in range(warmup + steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+class Stepper:
+    """One model's training step with its own fresh AdamW (so both models pay the same first step)."""
+
+    def __init__(self, model, batch, precision: str, device: torch.device):
+        self.model, self.batch, self.device = model, batch, device
+        self.optimizer = build_optimizer(model, OptimizerConfig(name="adamw", lr=1e-4, weight_decay=0.0))
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+        self.scale = 1.0 / target_count(batch["labels"]).float()
+        self.times: list[float] = []
+
+    def step(self, timed: bool) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         start = time.perf_counter()
-        forward_backward(model, batch, autocast, scale)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        forward_backward(self.model, self.batch, self.autocast, self.scale)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        if timed:
+            self.times.append(time.perf_counter() - start)
+
+
+def time_steps(models: dict, batch, precision: str, device: torch.device, steps: int, warmup: int) -> dict[str, float]:
+    """Median seconds per optimizer step of each model. The models take turns step by step, so a
+    change in the machine's load (other jobs) hits both alike."""
+    steppers = {name: Stepper(model, batch, precision, device) for name, model in models.items()}
+    for i in range(warmup + steps):
+        for stepper in steppers.values():
+            stepper.step(timed=i >= warmup)
+    return {name: statistics.median(stepper.times) for name, stepper in steppers.items()}
 
 
 def main(argv=None) -> int:
@@ -109,11 +122,11 @@ def main(argv=None) -> int:
     rows = []
     for precision in args.precisions.split(","):
         peak, source = peak_tflops(precision, device, None)
-        if device.type == "cpu":  # best of two measurements, before and after the models ran
+        seconds_per_step = time_steps(models, batch, precision, device, args.steps, args.warmup)
+        if device.type == "cpu":  # the better of two measurements, before and after the steps
             peak = max(peak, measure_gemm_tflops(torch.bfloat16 if precision == "bf16" else torch.float32, device))
         results = {}
-        for name, model in models.items():
-            seconds = time_steps(model, batch, precision, device, args.steps, args.warmup)
+        for name, seconds in seconds_per_step.items():
             tokens_per_s = args.batch * args.seq_len / seconds
             results[name] = tokens_per_s
             mfu = per_token * tokens_per_s / (peak * 1e12)
@@ -123,6 +136,7 @@ def main(argv=None) -> int:
         if "transformers" in results:
             print(f"{precision:5} mptkit / transformers tokens/s: {results['mptkit'] / results['transformers']:.2f}x")
 
+    print(f"\n# load average at the end: {os.getloadavg()[0]:.2f}")
     print("\n| precision | model | s/step | tokens/s | MFU | peak TFLOP/s |")
     print("|---|---|---|---|---|---|")
     for precision, name, seconds, tokens_per_s, mfu, peak, _ in rows:
