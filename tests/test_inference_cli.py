@@ -128,3 +128,22 @@ def test_training_checkpoint_loads_with_the_same_weights(tmp_path):
     reference = model.state_dict()
     for name, tensor in loaded.model.state_dict().items():
         assert torch.equal(tensor, reference[name]), name
+
+
+def test_a_transformers_mpt_checkpoint_generates_what_transformers_generates(tmp_path, capsys):
+    """A directory in the hub layout written by transformers' own MptForCausalLM (as a hub MPT
+    download is), without a tokenizer: mptkit loads it with the bundled GPT-NeoX tokenizer."""
+    from transformers import MptConfig, MptForCausalLM
+
+    torch.manual_seed(2)
+    hf = MptForCausalLM(MptConfig(d_model=64, n_heads=4, n_layers=2, max_seq_len=128, vocab_size=50432,
+                                  initializer_range=0.3)).eval()
+    hf.save_pretrained(tmp_path)
+    tokenizer = load_tokenizer()
+    prompt = "A hub checkpoint says"
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        new = hf.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=0)[0, ids.shape[1] :].tolist()
+    assert 0 not in new  # no end of text: both generate all 16 tokens
+    assert main("generate", [str(tmp_path), "--prompt", prompt, "--max-new-tokens", "16", "--dtype", "float32"]) == 0
+    assert capsys.readouterr().out == tokenizer.decode(new) + "\n"
