@@ -19,7 +19,6 @@ import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -54,10 +53,6 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
     @app.exception_handler(RequestError)
     async def _request_error(_: Request, error: RequestError):
         return JSONResponse(error.body(), status_code=error.status)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, error: RequestValidationError):
-        return JSONResponse(error_body(str(error.errors()[:1])), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, error: StarletteHTTPException):
