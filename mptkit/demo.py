@@ -376,12 +376,16 @@ checkpoint as `model.init_from`, are how a useful model is made."""
 
 def write_summary(cfg: DemoConfig, facts: dict, table: str, card_check: str, stages: Stages) -> Path:
     model_dir, base_dir = cfg.out / "model", cfg.out / "base-model"
+    load_end = os.getloadavg()[0]
+    busy = (" (other processes were competing for the cores: times here are slower than on an idle machine)"
+            if max(facts["load_start"], load_end) > (os.cpu_count() or 1) + 0.5 else "")
     timing = "\n".join(f"| {title} | {seconds:.0f} s |" for title, seconds in stages.durations.items())
     text = f"""# mptkit demo
 
 A {cfg.n_layers}-layer, {cfg.d_model}-wide ALiBi MPT ({facts['parameters'] / 1e6:.1f}M parameters, GPT-NeoX
 tokenizer) pretrained on the bundled novels at {cfg.train_len} tokens, then instruction-tuned.
-Total wall time {stages.elapsed() / 60:.1f} min on {os.cpu_count()} CPU thread(s), precision {cfg.precision}.
+Total wall time {stages.elapsed() / 60:.1f} min on {os.cpu_count()} CPU thread(s), precision {cfg.precision}; load average
+{facts['load_start']:.1f} at the start and {load_end:.1f} at the end{busy}.
 
 ## Pretraining
 
@@ -452,6 +456,7 @@ def run(cfg: DemoConfig) -> Path:
     from mptkit.train.export import export_checkpoint
 
     stages = Stages(total=6)
+    load_start = os.getloadavg()[0]
     for owned in ("pretrain", "finetune", "model", "base-model"):
         shutil.rmtree(cfg.out / owned, ignore_errors=True)
     cfg.out.mkdir(parents=True, exist_ok=True)
@@ -479,6 +484,7 @@ def run(cfg: DemoConfig) -> Path:
 
     stages.begin("Writing the summary")
     facts = {
+        "load_start": load_start,
         "parameters": parameters,
         "pretrain_steps": pre.step,
         "pretrain_tokens": pre.step * cfg.pretrain_batch * cfg.train_len,
@@ -503,7 +509,8 @@ def run(cfg: DemoConfig) -> Path:
     (cfg.out / "summary.json").write_text(json.dumps({**facts, "seconds": stages.elapsed()}, indent=2))
     print(f"\n{honesty_text(cfg, facts)}\n")
     print(usage_text(cfg, cfg.out / "model"))
-    print(f"\nDone in {stages.elapsed() / 60:.1f} min. Summary: {summary} (loss curves and extrapolation plot beside it).")
+    print(f"\nDone in {stages.elapsed() / 60:.1f} min (load average {load_start:.1f} at the start, "
+          f"{os.getloadavg()[0]:.1f} now, on {os.cpu_count()} CPU threads). Summary: {summary} (loss curves and extrapolation plot beside it).")
     return summary
 
 
