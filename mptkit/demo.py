@@ -46,7 +46,7 @@ class DemoConfig:
     n_heads: int = 4
     n_layers: int = 4
     context: int = 512  # max_seq_len written to the checkpoint: 4x the training length (ALiBi)
-    precision: str = "fp32"  # bf16 autocast pays off only on CPUs with AMX (see docs/benchmarks.md)
+    precision: str = "fp32"  # bf16 is slower than fp32 on CPUs without AMX (docs/benchmarks.md, Training)
     # pretraining on the books
     books: tuple[str, ...] = ("data/books/train",)
     heldout: tuple[str, ...] = ("data/books/heldout",)
@@ -139,7 +139,8 @@ def _model_overrides(cfg: DemoConfig) -> list[str]:
 
 
 def measure_step_seconds(config, repeats: int = 2) -> float:
-    """Seconds per optimizer step of `config`'s model on a batch of its shape (after one warm-up).
+    """Mean seconds per optimizer step of `config`'s model on a batch of its shape, after one warm-up
+    step (the mean, not the best: a busy machine should plan fewer steps, not more).
 
     The model is built and initialised as training builds it; the batch is random tokens, which
     cost what real ones cost.
@@ -165,7 +166,7 @@ def measure_step_seconds(config, repeats: int = 2) -> float:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - started)
-    return min(times[1:])
+    return sum(times[1:]) / repeats
 
 
 def plan_steps(config, budget: StageBudget, label: str) -> int:
