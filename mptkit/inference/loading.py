@@ -14,7 +14,7 @@ import torch
 import transformers
 from transformers import PreTrainedTokenizerFast
 
-from mptkit.model import MPTConfig, MPTForCausalLM
+from mptkit.model import MPTForCausalLM
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -101,20 +101,9 @@ def _load_hf_directory(path: Path, dtype: torch.dtype) -> MPTForCausalLM:
 
 def _load_training_checkpoint(path: Path, dtype: torch.dtype):
     # the training area's checkpoint format; imported only for this case
-    import yaml
+    from mptkit.train.checkpoint import load_checkpoint_model
 
-    from mptkit.train.checkpoint import load_model_weights, model_config_dict, resolve_checkpoint
-
-    checkpoint = resolve_checkpoint(path)
-    config = MPTConfig(**model_config_dict(checkpoint))
-    with torch.device("meta"):
-        model = MPTForCausalLM(config)
-    model.to_empty(device="cpu")
-    load_model_weights(model, checkpoint)
-    run_config_file = checkpoint / "run_config.yaml"
-    tokenizer_hint = None
-    if run_config_file.is_file():
-        tokenizer_hint = (yaml.safe_load(run_config_file.read_text()).get("data") or {}).get("tokenizer")
+    model, checkpoint, tokenizer_hint = load_checkpoint_model(path)
     return model.to(dtype), checkpoint, tokenizer_hint
 
 

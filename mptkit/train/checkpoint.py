@@ -224,3 +224,20 @@ def read_model_config_json(path: Path) -> str:
 
 def model_config_dict(path: Path) -> dict:
     return json.loads(read_model_config_json(path))
+
+
+def load_checkpoint_model(path: str | Path) -> tuple[nn.Module, Path, str | None]:
+    """The fp32 model of a training checkpoint (or of the newest in a directory of them), the
+    checkpoint directory read, and the tokenizer its run used (None: MPT's default)."""
+    from mptkit.model import MPTConfig, MPTForCausalLM
+
+    checkpoint = resolve_checkpoint(path)
+    with torch.device("meta"):
+        model = MPTForCausalLM(MPTConfig(**model_config_dict(checkpoint)))
+    model.to_empty(device="cpu")
+    load_model_weights(model, checkpoint)
+    tokenizer = None
+    run_config_file = checkpoint / "run_config.yaml"
+    if run_config_file.is_file():
+        tokenizer = (yaml.safe_load(run_config_file.read_text()).get("data") or {}).get("tokenizer")
+    return model, checkpoint, tokenizer

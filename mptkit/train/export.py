@@ -5,11 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import yaml
 
-from mptkit.model import MPTConfig, MPTForCausalLM
-
-from .checkpoint import load_model_weights, model_config_dict, resolve_checkpoint
+from .checkpoint import load_checkpoint_model
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, dtype: str = "float32",
@@ -18,18 +15,12 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, dtype: str = 
 
     Returns the checkpoint directory that was read (the newest one when given their parent).
     """
-    path = resolve_checkpoint(checkpoint)
-    config = MPTConfig(**model_config_dict(path))
-    with torch.device("meta"):
-        model = MPTForCausalLM(config)
-    model.to_empty(device="cpu")
-    load_model_weights(model, path)
+    model, path, tokenizer_name = load_checkpoint_model(checkpoint)
     model.to(getattr(torch, dtype))
     tokenizer = None
     if with_tokenizer:
         from mptkit.data.tokenizer import load_tokenizer
 
-        run_config = yaml.safe_load((path / "run_config.yaml").read_text())
-        tokenizer = load_tokenizer(run_config.get("data", {}).get("tokenizer"))
+        tokenizer = load_tokenizer(tokenizer_name)
     model.save_pretrained(out_dir, tokenizer=tokenizer)
     return path
