@@ -193,6 +193,19 @@ def run_training(base_yaml: str, overrides: list[str], budget: StageBudget, labe
     return config, train(config)
 
 
+# Both stages: CPU, no periodic checkpoints or evals (the demo evaluates afterwards), a fresh start.
+_STAGE_OVERRIDES = (
+    "train.device=cpu",
+    "checkpoint.interval=0",
+    "checkpoint.keep_last_n=1",
+    "checkpoint.resume=never",
+    "eval.interval=0",
+    "eval.max_batches=4",
+    "logging.interval=1",
+    "logging.tensorboard=false",
+)
+
+
 def pretrain(cfg: DemoConfig):
     out = cfg.out / "pretrain"
     overrides = [
@@ -209,14 +222,7 @@ def pretrain(cfg: DemoConfig):
         f"train.micro_batch_size={cfg.pretrain_batch}",
         f"train.seq_len={cfg.train_len}",
         f"train.precision={cfg.precision}",
-        "train.device=cpu",
-        "checkpoint.interval=0",
-        "checkpoint.keep_last_n=1",
-        "checkpoint.resume=never",
-        "eval.interval=0",
-        "eval.max_batches=4",
-        "logging.interval=1",
-        "logging.tensorboard=false",
+        *_STAGE_OVERRIDES,
     ]
     return run_training("configs/pretrain/tiny.yaml", overrides, cfg.pretrain, "pretraining")
 
@@ -235,14 +241,7 @@ def finetune(cfg: DemoConfig, pretrained_checkpoint: Path):
         f"train.micro_batch_size={cfg.finetune_batch}",
         f"train.seq_len={cfg.finetune_len}",
         f"train.precision={cfg.precision}",
-        "train.device=cpu",
-        "checkpoint.interval=0",
-        "checkpoint.keep_last_n=1",
-        "checkpoint.resume=never",
-        "eval.interval=0",
-        "eval.max_batches=4",
-        "logging.interval=1",
-        "logging.tensorboard=false",
+        *_STAGE_OVERRIDES,
     ]
     return run_training("configs/finetune/instruct.yaml", overrides, cfg.finetune, "instruction tuning")
 
