@@ -21,9 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mptkit.model import MPTForCausalLM
-from mptkit.model.alibi import alibi_slopes
 from mptkit.model.attention import MaskSpec
-from mptkit.model.modeling_mpt import rope_angles, token_positions
+from mptkit.model.modeling_mpt import token_positions
 
 from .sampling import BatchSampler, SamplingParams
 
@@ -62,31 +61,17 @@ def forward_with_cache(
 ) -> torch.Tensor:
     """Logits (B, V) of the last of `tokens` (B, S), whose first one sits at position `start`.
 
-    Mirrors MPTModel.forward + the LM head for inference, with the static cache: embeddings,
-    every block of the model, final norm, (tied) head. `start` is an int or a (1,) tensor.
+    The model's own pieces (embed, run_blocks) with the static cache and a MaskSpec for it; the
+    head is `compute_logits` with the decode-friendly product. `start` is an int or a (1,) tensor.
     """
     transformer = model.transformer
-    x = transformer.wte(tokens)
-    if hasattr(transformer, "wpe"):
-        x = x + transformer.wpe(positions)
-    if transformer.embedding_fraction < 1:
-        x = x * transformer.embedding_fraction + x.detach() * (1 - transformer.embedding_fraction)
+    x = transformer.embed(transformer.wte(tokens), positions)
     mask = MaskSpec(query_start=start, causal=True, key_padding=key_padding, sliding_window=transformer.sliding_window)
-    slopes = (
-        alibi_slopes(model.config.n_heads, transformer.alibi_bias_max, device=x.device) if transformer.alibi else None
-    )
-    rope = None
-    if transformer.rope_theta is not None:
-        rope = rope_angles(positions, model.config.head_dim, transformer.rope_theta)
-    for block in transformer.blocks:
-        x = block(x, mask, slopes, transformer.prefix_lm, rope, cache)
-    hidden = transformer.norm_f(x[:, -1])
-    head = getattr(model, "int8_head", None)
-    if head is not None:
-        logits = head(hidden)
-    else:
-        weight = model.lm_head.weight if hasattr(model, "lm_head") else transformer.wte.weight
-        logits = streaming_linear(hidden, weight)
+    hidden = transformer.run_blocks(x, mask, positions, cache)[:, -1]
+    head = getattr(model, "int8_head", None)  # set by quantize_int8
+    if head is None:
+        head = getattr(model, "lm_head", None)  # untied
+    logits = head(hidden) if head is not None else streaming_linear(hidden, transformer.wte.weight)
     if model.logit_multiplier is not None:
         logits = logits * model.logit_multiplier
     return logits.float()
@@ -144,8 +129,9 @@ class StreamingLinear(nn.Linear):
 
 
 def use_streaming_linears(model: MPTForCausalLM) -> None:
-    """Make the block projections `StreamingLinear`s, in place (their eager behaviour is unchanged)."""
-    for module in model.transformer.blocks.modules():
+    """Make the projections (and an untied head) `StreamingLinear`s, in place; their eager
+    behaviour is unchanged."""
+    for module in model.modules():
         if type(module) is nn.Linear:
             module.__class__ = StreamingLinear
 
