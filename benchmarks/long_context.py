@@ -5,7 +5,8 @@ saved in HF format at the preset's max_seq_len and loaded back with `max_seq_len
 StoryWriter recipe (ALiBi has no position table). Generation runs through mptkit's static-cache
 `Decoder` (inference/decode.py) with `attn_impl` (default `auto`: flex for the prefill, sdpa with
 a one-row bias per head for the one-token steps). For every length: prefill time, decode time per
-token, and the peak resident memory above the loaded model (Linux VmHWM, reset before each run).
+token, and the peak resident memory above the loaded model and of the whole process (Linux VmHWM,
+reset before each run).
 Flex is compiled for each length before the measurement, which then excludes compilation.
 
     .venv/bin/python benchmarks/long_context.py --preset mpt-125m --dtype bfloat16 \\
@@ -114,6 +115,7 @@ def main(argv=None) -> int:
             "decode_s_per_token": round(decode_s, 3),
             "new_tokens": len(tokens),
             "peak_gib": round(peak / GIB, 3),
+            "process_peak_gib": round(resident_bytes("VmHWM") / GIB, 3),
             "kv_cache_gib": round(kv_bytes_per_token * (length + args.new_tokens) / GIB, 3),
             "peak_bytes_per_token": round(peak / length),
             "attention_compile_s": round(compile_seconds, 1),

@@ -238,8 +238,9 @@ def test_auto_choice_on_cpu():
     assert _auto(4096, 4096, key_padding=torch.ones(1, 4096, dtype=torch.bool), alibi=False) == "flex"
     assert _auto(4096, 4096, dtype=torch.bfloat16) == "flex"
     assert _auto(256, 256) == "sdpa"  # short: a dense bias is cheaper than flex's setup
-    assert _auto(768, 768) == "flex" and _auto(768, 768, training=True) == "sdpa"  # CPU backward: later
-    assert _auto(2048, 2048, training=True) == "flex"
+    # training on CPU: sdpa while its dense bias (here 4 heads x L^2 x 4 bytes) stays <= 256 MiB
+    assert _auto(768, 768) == "flex" and _auto(4096, 4096, training=True) == "sdpa"
+    assert _auto(8192, 8192, training=True) == "flex"
     assert _auto(1, 8192) == "sdpa"  # one-token decode: the bias is one row per head
     assert _auto(4096, 4096, alibi=False) == "sdpa"  # plain causal: sdpa's fused kernel
     assert _auto(4096, 4096, dropout_p=0.1) == "sdpa"  # flex has no dropout

@@ -86,13 +86,15 @@ BACKENDS: dict[str, AttentionBackend] = {
     "flash": flash_attention_backend,
 }
 
-# Below this many query x key scores `auto` keeps the dense sdpa path: building a bias of this size
-# costs less than flex's block mask and kernel launch, and needs no compilation. Measured on the
-# 2-core CPU (docs/benchmarks.md, "Attention"): forward, flex wins from ~512 tokens; forward +
-# backward (flex's CPU backward is blockwise torch), from ~1024. GPUs use the forward value, not
-# measured.
+# Inference: below this many query x key scores `auto` keeps the dense sdpa path (building a bias of
+# this size costs less than flex's block mask and kernel launch, and needs no compilation); flex is
+# faster from ~512 tokens on the 2-core CPU (docs/benchmarks.md, "Attention"). GPUs use the same
+# value, not measured.
 AUTO_FLEX_MIN_SCORES = 512 * 512
-AUTO_FLEX_MIN_SCORES_CPU_TRAINING = 1024 * 1024
+# Training on CPU: flex has no fused CPU backward (mptkit's is blockwise torch), so sdpa's fused one
+# is faster at every measured length; but sdpa keeps its dense bias for the backward, per layer.
+# `auto` trains with sdpa while that bias stays under this size, with flex beyond.
+AUTO_CPU_TRAINING_MAX_DENSE_BIAS_BYTES = 256 * 2**20
 
 
 def choose_backend(q, k, *, mask: MaskSpec, alibi_slopes, alibi_symmetric: bool = False, dropout_p: float = 0.0) -> str:
@@ -101,8 +103,9 @@ def choose_backend(q, k, *, mask: MaskSpec, alibi_slopes, alibi_symmetric: bool 
     - CUDA with flash-attn installed, half precision, masks it takes: `flash`.
     - Causal without ALiBi or other masks, prefill or one-token decode: `sdpa` (fused, O(L)).
     - One-token decode: `sdpa` (its dense bias is one row per head, O(Sk)).
-    - Long sequences with ALiBi or masks: `flex` (O(L) memory; faster than a dense bias); on CPU
-      "long" starts at 512 tokens, or 1024 when gradients are needed.
+    - Long sequences with ALiBi or masks: `flex` (O(L) memory; faster than a dense bias from ~512
+      tokens). Training on CPU: `sdpa` (its fused backward is faster) while its dense bias stays
+      under 256 MiB, `flex` beyond.
     - Otherwise `sdpa` with a dense bias: short sequences, dropout, dtypes or CPUs flex lacks.
     """
     num_queries, num_keys = q.shape[-2], k.shape[-2]
@@ -110,11 +113,16 @@ def choose_backend(q, k, *, mask: MaskSpec, alibi_slopes, alibi_symmetric: bool 
         return "flash"
     if _plain_causal(mask, alibi_slopes) and (num_queries == num_keys or num_queries == 1):
         return "sdpa"
-    training = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
-    min_scores = AUTO_FLEX_MIN_SCORES_CPU_TRAINING if training and q.device.type == "cpu" else AUTO_FLEX_MIN_SCORES
-    if num_queries == 1 or num_queries * num_keys < min_scores:
+    if num_queries == 1:
         return "sdpa"
-    if dropout_p or q.dtype not in (torch.float32, torch.bfloat16, torch.float16) or not flex_supported(q.device):
+    training = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+    if training and q.device.type == "cpu":
+        dense_bias_bytes = q.shape[0] * q.shape[1] * num_queries * num_keys * 4
+        if dense_bias_bytes <= AUTO_CPU_TRAINING_MAX_DENSE_BIAS_BYTES:
+            return "sdpa"
+    elif num_queries * num_keys < AUTO_FLEX_MIN_SCORES:
+        return "sdpa"
+    if dropout_p or q.dtype not in (torch.float32, torch.bfloat16, torch.float16) or not flex_supported(q.device.type):
         return "sdpa"
     return "flex"
 
