@@ -129,16 +129,18 @@ def measure(backend: str, dtype: torch.dtype, length: int, mode: str, args) -> d
             tensor.requires_grad_()
     slopes = alibi_slopes(args.heads, device=device)
     # Warm up: compiles flex (a forward suffices: its CPU backward is not compiled; skipped when
-    # this shape already ran); the dense backends' first call at a long length is itself the run.
+    # this shape already ran); on CPU the dense backends' first call at a long length is itself the
+    # run. On CUDA every backend warms up (allocator growth, kernel selection) and runs 3 times.
     warm_up_seconds = 0.0
     key = (backend, str(dtype), length)
-    if (backend == "flex" and key not in WARM) or length <= 4096:
+    cuda = args.device == "cuda"
+    if (backend == "flex" and key not in WARM) or length <= 4096 or cuda:
         start = time.perf_counter()
         with torch.no_grad():
             run_once(backend, q, k, v, slopes, "forward")
         warm_up_seconds = time.perf_counter() - start
         WARM.add(key)
-    repeats = 3 if length <= 4096 else 1
+    repeats = 3 if length <= 4096 or cuda else 1
     seconds = []
     with PeakMemory(args.device) as memory:
         for _ in range(repeats):

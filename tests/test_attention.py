@@ -250,7 +250,7 @@ def test_auto_choice_on_cpu():
 def test_auto_runs_what_it_chooses_and_unknown_names_fail():
     q, k, v, rules, query_start, _ = _inputs("gqa-left-padding", torch.float32)
     mask = MaskSpec(query_start=query_start, **rules)
-    slopes = alibi_slopes(q.shape[1])
+    slopes = alibi_slopes(q.shape[1], device=q.device)
     chosen = choose_backend(q, k, mask=mask, alibi_slopes=slopes)
     out = attend(q, k, v, impl="auto", mask=mask, alibi_slopes=slopes, softmax_scale=0.25)
     expected = BACKENDS[chosen](q, k, v, mask=mask, alibi_slopes=slopes, alibi_symmetric=False, softmax_scale=0.25, dropout_p=0.0)
@@ -280,16 +280,16 @@ def test_flex_one_query_step_inside_a_callers_compile_matches_reference():
     traced into the caller's graph (dense O(Sk) path, see flex_attention._inside_callers_compile)."""
     q, k, v, rules, _, _ = _inputs("kv-cache-gqa-padding", torch.float32)
     q = q[:, :, -1:]
-    position = torch.tensor([k.shape[2] - 1])  # a tensor position, as the static-cache decoder passes
-    slopes = alibi_slopes(q.shape[1])
+    position = torch.tensor([k.shape[2] - 1], device=q.device)  # a tensor, as the static-cache decoder passes
+    slopes = alibi_slopes(q.shape[1], device=q.device)
 
     def step(q, k, v, position):
         mask = MaskSpec(query_start=position, key_padding=rules["key_padding"])
         return attend(q, k, v, impl="flex", mask=mask, alibi_slopes=slopes, softmax_scale=0.25)
 
     out = torch.compile(step, fullgraph=True)(q, k, v, position)
-    expected = reference_attention(q, k, v, slopes=slopes.double(), symmetric=False, scale=0.25,
-                                   query_start=k.shape[2] - 1, key_padding=rules["key_padding"])
+    expected = reference_attention(q.cpu(), k.cpu(), v.cpu(), slopes=slopes.double().cpu(), symmetric=False, scale=0.25,
+                                   query_start=k.shape[2] - 1, key_padding=rules["key_padding"].cpu())
     assert _relative_error(out, expected) < TOLERANCE[torch.float32]
 
 

@@ -178,9 +178,12 @@ def _build_plan(mask: MaskSpec, num_queries: int, num_keys: int, device: torch.d
         last_key=key_length - 1,
     )
     batch = per_token[0].shape[0] if per_token else 1
-    # Blocks no larger than the (padded) lengths: then no length needs padding to whole blocks,
-    # which inductor's CPU code generator miscompiles for boolean masks in torch 2.13.
-    block_size = (min(query_length, BLOCK_SIZE), min(key_length, BLOCK_SIZE))
+    # On CPU, blocks no larger than the (padded) lengths: then no length needs padding to whole
+    # blocks, which inductor's CPU code generator miscompiles for boolean masks in torch 2.13. The
+    # GPU kernels expect whole 128-blocks and pad short queries (decode steps) themselves.
+    block_size = (BLOCK_SIZE, BLOCK_SIZE)
+    if device.type == "cpu":
+        block_size = (min(query_length, BLOCK_SIZE), min(key_length, BLOCK_SIZE))
     arguments = (mask_mod, batch, 1, query_length, key_length)
     if query_length == 1 or query_length * key_length >= _COMPILED_MASK_MIN_SCORES:
         block_mask = _call_compiled(1, *arguments, device=device, BLOCK_SIZE=block_size)
@@ -200,12 +203,12 @@ def flex_attention_backend(q, k, v, *, mask, alibi_slopes, alibi_symmetric, soft
     if q.dtype not in _FLEX_DTYPES:
         raise NotImplementedError(f"attn_impl 'flex' runs in {[str(d) for d in _FLEX_DTYPES]}, not {q.dtype}")
     num_queries, num_keys = q.shape[-2], k.shape[-2]
-    if torch.compiler.is_compiling() and q.device.type == "cpu":
+    if torch.compiler.is_compiling() and (q.device.type == "cpu" or num_queries == 1):
         return _inside_callers_compile(q, k, v, mask, alibi_slopes, alibi_symmetric, softmax_scale)
     plan = _plan(mask, num_queries, num_keys, q.device)
     score_mod = None
     if alibi_slopes is not None:
-        score_mod = _alibi_score_mod(alibi_slopes.to(torch.float32), plan.query_offset, alibi_symmetric)
+        score_mod = _alibi_score_mod(alibi_slopes.to(q.device, torch.float32), plan.query_offset, alibi_symmetric)
 
     def run(q, k, v):
         out = _call_compiled(
@@ -227,10 +230,14 @@ def flex_attention_backend(q, k, v, *, mask, alibi_slopes, alibi_symmetric, soft
 
 
 def _inside_callers_compile(q, k, v, mask, alibi_slopes, alibi_symmetric, softmax_scale):
-    """Flex called inside the caller's own torch.compile on CPU (e.g. a compiled decode step).
+    """Flex called inside the caller's own torch.compile on CPU, or for a one-query step on any
+    device (e.g. a compiled decode step).
 
-    Inductor's CPU flex lowering (torch 2.13) rejects masks and padding computed inside the
-    caller's graph. A one-query step costs O(Sk) with a dense bias too, so it takes that path.
+    Inductor's flex lowering rejects masks and padding computed inside the caller's graph: on CPU
+    (torch 2.13) always, on CUDA (torch 2.11, H200) for a decode step with key padding ("'function'
+    object has no attribute 'graph'"). A one-query step costs O(Sk) with a dense bias too, so it
+    takes that path; on CUDA longer calls inside a compiled block keep flex (a compiled training
+    step ran so).
     """
     if q.shape[-2] != 1:
         raise NotImplementedError(
