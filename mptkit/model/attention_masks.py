@@ -98,7 +98,20 @@ def dense_bias(
     dtype=torch.float32,
 ) -> torch.Tensor | None:
     """ALiBi bias with -inf where attention is not allowed, (B|1, H|1, Sq, Sk) in `dtype` (fp32 or
-    wider); None when there is neither. O(H * Sq * Sk) memory: the dense backends' cost."""
+    wider); None when there is neither. O(H * Sq * Sk) memory: the dense backends' cost.
+
+    Built once per forward: the result is kept in `mask.backend_cache`, since every layer attends
+    with the same mask and the model's one `alibi_slopes`.
+    """
+    cache_key = ("dense_bias", num_queries, num_keys, dtype, str(device), alibi_slopes is None, alibi_symmetric)
+    if cache_key not in mask.backend_cache:
+        mask.backend_cache[cache_key] = _build_dense_bias(
+            mask, num_queries, num_keys, alibi_slopes, alibi_symmetric, device, dtype
+        )
+    return mask.backend_cache[cache_key]
+
+
+def _build_dense_bias(mask, num_queries, num_keys, alibi_slopes, alibi_symmetric, device, dtype):
     allowed = mask.allowed(num_queries, num_keys, device)
     if alibi_slopes is None:
         if allowed is None:
