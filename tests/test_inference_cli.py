@@ -18,12 +18,8 @@ from mptkit.model import MPTConfig, MPTForCausalLM
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tiny-mpt")
-    config = MPTConfig.from_preset("tiny", init_config={"name": "baseline_", "init_std": 0.3})
-    torch.manual_seed(0)
-    MPTForCausalLM(config).save_pretrained(directory, tokenizer=load_tokenizer())
-    return directory
+def checkpoint(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

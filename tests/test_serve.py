@@ -15,13 +15,10 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mptkit.data.templates import format_chatml
-from mptkit.data.tokenizer import load_tokenizer
 from mptkit.inference.commands import stop_token_ids
-from mptkit.model import MPTConfig, MPTForCausalLM
 from mptkit.serve.commands import check_loopback
 from mptkit.serve.commands import main as serve_main
 
@@ -36,12 +33,8 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("served-mpt")
-    config = MPTConfig.from_preset("tiny", init_config={"name": "baseline_", "init_std": 0.3})
-    torch.manual_seed(1)
-    MPTForCausalLM(config).save_pretrained(directory, tokenizer=load_tokenizer())
-    return directory
+def checkpoint(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
