@@ -50,7 +50,6 @@ def torch_attention(q, k, v, *, mask, alibi_slopes, alibi_symmetric, softmax_sca
     bias = dense_bias(mask, num_queries, num_keys, alibi_slopes, alibi_symmetric, q.device, _wide(q.dtype))
     if bias is not None:
         scores = scores + bias
-    del bias
     weights = torch.softmax(scores, dim=-1).to(v.dtype)
     del scores
     if dropout_p:
