@@ -119,6 +119,20 @@ def test_bf16_model_with_flex_stays_within_bf16_error():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+@pytest.mark.parametrize("attn_impl", ["torch", "sdpa"])
+def test_dense_bias_is_built_once_per_forward_not_per_layer(attn_impl, monkeypatch):
+    from mptkit.model import attention_masks
+
+    builds = []
+    build_dense_bias = attention_masks._build_dense_bias
+    monkeypatch.setattr(attention_masks, "_build_dense_bias", lambda *a: builds.append(1) or build_dense_bias(*a))
+    case = "alibi-gqa-qkln-clip-left-padding"
+    model = build(case, attn_impl)
+    assert model.config.n_layers > 1
+    model(**model_inputs(case))
+    assert len(builds) == 1
+
+
 def _compiled_graphs() -> int:
     return counters["stats"]["unique_graphs"]
 

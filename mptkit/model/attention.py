@@ -72,9 +72,9 @@ def sdpa_attention(q, k, v, *, mask, alibi_slopes, alibi_symmetric, softmax_scal
         )
     if _plain_causal(mask, alibi_slopes) and num_queries == 1:  # one new token sees the whole cache
         return F.scaled_dot_product_attention(q, k, v, scale=softmax_scale, dropout_p=dropout_p, enable_gqa=enable_gqa)
-    bias = dense_bias(mask, num_queries, num_keys, alibi_slopes, alibi_symmetric, q.device, _wide(q.dtype))
+    bias = dense_bias(mask, num_queries, num_keys, alibi_slopes, alibi_symmetric, q.device, _wide(q.dtype), q.dtype)
     return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=bias.to(q.dtype), scale=softmax_scale, dropout_p=dropout_p, enable_gqa=enable_gqa
+        q, k, v, attn_mask=bias, scale=softmax_scale, dropout_p=dropout_p, enable_gqa=enable_gqa
     )
 
 
@@ -91,7 +91,7 @@ BACKENDS: dict[str, AttentionBackend] = {
 # value, not measured.
 AUTO_FLEX_MIN_SCORES = 512 * 512
 # Training on CPU: flex has no fused CPU backward (mptkit's is blockwise torch), so sdpa's fused one
-# is faster at every measured length; but sdpa keeps its dense bias for the backward, per layer.
+# is faster at every measured length; but sdpa keeps its dense bias alive for the backward.
 # `auto` trains with sdpa while that bias stays under this size, with flex beyond.
 AUTO_CPU_TRAINING_MAX_DENSE_BIAS_BYTES = 256 * 2**20
 
@@ -110,9 +110,7 @@ def choose_backend(q, k, *, mask: MaskSpec, alibi_slopes, alibi_symmetric: bool 
     num_queries, num_keys = q.shape[-2], k.shape[-2]
     if flash_unsupported_reason(q, k, mask=mask, alibi_slopes=alibi_slopes, alibi_symmetric=alibi_symmetric) is None:
         return "flash"
-    if _plain_causal(mask, alibi_slopes) and (num_queries == num_keys or num_queries == 1):
-        return "sdpa"
-    if num_queries == 1:
+    if num_queries == 1 or (_plain_causal(mask, alibi_slopes) and num_queries == num_keys):
         return "sdpa"
     training = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
     if training and q.device.type == "cpu":

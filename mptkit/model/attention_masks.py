@@ -96,18 +96,21 @@ def dense_bias(
     alibi_symmetric: bool,
     device,
     dtype=torch.float32,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor | None:
-    """ALiBi bias with -inf where attention is not allowed, (B|1, H|1, Sq, Sk) in `dtype` (fp32 or
-    wider); None when there is neither. O(H * Sq * Sk) memory: the dense backends' cost.
+    """ALiBi bias with -inf where attention is not allowed, (B|1, H|1, Sq, Sk), computed in `dtype`
+    (fp32 or wider) and returned in `out_dtype` (default `dtype`); None when there is neither.
+    O(H * Sq * Sk) memory: the dense backends' cost.
 
     Built once per forward: the result is kept in `mask.backend_cache`, since every layer attends
-    with the same mask and the model's one `alibi_slopes`.
+    with the same mask and the model's one `alibi_slopes` (so in training the layers also share the
+    one tensor their backward keeps).
     """
-    cache_key = ("dense_bias", num_queries, num_keys, dtype, str(device), alibi_slopes is None, alibi_symmetric)
+    out_dtype = out_dtype or dtype
+    cache_key = ("dense_bias", num_queries, num_keys, dtype, out_dtype, str(device), alibi_slopes is None, alibi_symmetric)
     if cache_key not in mask.backend_cache:
-        mask.backend_cache[cache_key] = _build_dense_bias(
-            mask, num_queries, num_keys, alibi_slopes, alibi_symmetric, device, dtype
-        )
+        bias = _build_dense_bias(mask, num_queries, num_keys, alibi_slopes, alibi_symmetric, device, dtype)
+        mask.backend_cache[cache_key] = None if bias is None else bias.to(out_dtype)
     return mask.backend_cache[cache_key]
 
 

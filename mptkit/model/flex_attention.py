@@ -244,9 +244,10 @@ def _inside_callers_compile(q, k, v, mask, alibi_slopes, alibi_symmetric, softma
             "attn_impl 'flex' on CPU inside torch.compile supports one-query decode steps only; "
             "flex compiles itself, so run the model without torch.compile (or use 'auto')"
         )
-    bias = dense_bias(mask, 1, k.shape[-2], alibi_slopes, alibi_symmetric, q.device, torch.promote_types(q.dtype, torch.float32))
+    wide = torch.promote_types(q.dtype, torch.float32)
+    bias = dense_bias(mask, 1, k.shape[-2], alibi_slopes, alibi_symmetric, q.device, wide, q.dtype)
     return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=None if bias is None else bias.to(q.dtype), scale=softmax_scale, enable_gqa=q.shape[1] != k.shape[1]
+        q, k, v, attn_mask=bias, scale=softmax_scale, enable_gqa=q.shape[1] != k.shape[1]
     )
 
 
