@@ -167,6 +167,21 @@ def test_restart_after_interrupt_gives_identical_output(tmp_path, monkeypatch):
     assert np.array_equal(read_shards(out), read_shards(tmp_path / "ref"))
 
 
+def test_source_stats_count_cut_documents_once_and_add_up_to_the_index(tok, tmp_path):
+    # The books are tokenized in ~700-character pieces yet count as one document each, with all
+    # their characters; every token tokenized is in a shard or in the dropped tail.
+    inputs = make_mixed_corpus(tmp_path / "corpus")
+    index = run(inputs, tmp_path / "out", seq_len=64, piece_chars=700)
+    book0, jsonl, book1 = (Path(p).read_text(encoding="utf-8") for p in inputs)
+    rows = [r["text"] for r in map(json.loads, (line for line in jsonl.splitlines() if line != "{not json"))
+            if "text" in r]
+    assert [(s["documents"], s["chars"], s["tokens"]) for s in index["sources"]] == [
+        (len(docs), sum(map(len, docs)), len(direct_stream(tok, docs))) for docs in ([book0], rows, [book1])]
+    assert index["documents"] == sum(s["documents"] for s in index["sources"]) == 200
+    assert index["tokens_tokenized"] == sum(s["tokens"] for s in index["sources"])
+    assert index["tokens_tokenized"] == index["num_tokens"] + index["dropped_tail_tokens"]
+
+
 def test_existing_output_same_settings_is_noop_other_settings_refused(tmp_path):
     inputs = [str(FIXTURES / "docs.jsonl")]
     first = run(inputs, tmp_path / "out", seq_len=4)

@@ -30,15 +30,20 @@ def _tokenizer_parser() -> argparse.ArgumentParser:
 
 
 def _data_parser() -> argparse.ArgumentParser:
+    # The defaults and choices are those of the modules that own them (importing them costs --help a few seconds).
+    from mptkit.data.finetune import FORMATS, TRAIN_ON
+    from mptkit.data.prepare import DEFAULT_SEQ_LEN, DEFAULT_SHARD_BYTES, DEFAULT_TEXT_FIELD
+
     parser = argparse.ArgumentParser(prog="mptkit data", description="Prepare and inspect training data.")
     sub = parser.add_subparsers(dest="action", required=True)
     prep = sub.add_parser("prepare", help="tokenize corpora into fixed-length pretraining shards")
     prep.add_argument("inputs", nargs="*", help="text/JSONL/parquet files, directories, globs or fsspec URLs")
     prep.add_argument("--out", required=True, help="output shard directory")
     prep.add_argument("--tokenizer", default=None, help="tokenizer.json or HF tokenizer directory (default: GPT-NeoX-20B)")
-    prep.add_argument("--seq-len", type=int, default=2048)
-    prep.add_argument("--text-field", default="text", help="JSONL field / parquet column holding the text")
-    prep.add_argument("--samples-per-shard", type=int, default=None, help="default: ~64 MiB shards")
+    prep.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN)
+    prep.add_argument("--text-field", default=DEFAULT_TEXT_FIELD, help="JSONL field / parquet column holding the text")
+    prep.add_argument("--samples-per-shard", type=int, default=None,
+                      help=f"default: ~{DEFAULT_SHARD_BYTES >> 20} MiB shards")
     prep.add_argument("--hf-dataset", default=None,
                       help="a `datasets` dataset (saved directory or hub name) to read besides INPUTS")
     prep.add_argument("--hf-split", default="train")
@@ -51,8 +56,8 @@ def _data_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--chars", type=int, default=400, help="characters shown per sample")
     inspect.add_argument("--tokenizer", default=None)
     inspect.add_argument("--max-seq-len", type=int, default=2048, help="fine-tuning files: sequence length")
-    inspect.add_argument("--format", default="auto", choices=("auto", "prompt_response", "chat"))
-    inspect.add_argument("--train-on", default="last", choices=("last", "all"))
+    inspect.add_argument("--format", default="auto", choices=FORMATS)
+    inspect.add_argument("--train-on", default="last", choices=TRAIN_ON)
     inspect.add_argument("--packing", action="store_true")
     inspect.add_argument("--on-error", choices=ON_ERROR_CHOICES, default="skip")
     return parser

@@ -21,7 +21,7 @@ import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -39,17 +39,37 @@ from mptkit.data.shards import (
     shard_file_name,
     token_dtype,
 )
-from mptkit.data.sources import Segment, can_cut_documents, iter_segments, resolve_inputs
-from mptkit.data.tokenizer import backend_fingerprint, load_tokenizer, plain_backend, tokenizer_size
+from mptkit.data.sources import Segment, Source, can_cut_documents, iter_segments, resolve_inputs
+from mptkit.data.tokenizer import (
+    BUNDLED_TOKENIZER_NAMES,
+    backend_fingerprint,
+    load_tokenizer,
+    plain_backend,
+    tokenizer_size,
+)
 
 logger = logging.getLogger("mptkit.data")
 
 DEFAULT_SHARD_BYTES = 1 << 26  # 64 MiB: few files, cheap to fetch one at a time
 DEFAULT_PIECE_CHARS = 1 << 15  # long documents are tokenized in pieces of ~32K characters
 DEFAULT_BATCH_CHARS = 1 << 22  # ~1M tokens per encode call keeps every core busy
+DEFAULT_SEQ_LEN = 2048
+DEFAULT_TEXT_FIELD = "text"
 
 
 Position = tuple[int, int]
+
+
+@dataclass
+class SourceStats:
+    """What one input put into the stream: whole documents, tokens (EOS included) and characters."""
+
+    documents: int = 0
+    tokens: int = 0
+    chars: int = 0
+
+    def __add__(self, other: SourceStats) -> SourceStats:
+        return SourceStats(self.documents + other.documents, self.tokens + other.tokens, self.chars + other.chars)
 
 
 @dataclass
@@ -84,6 +104,115 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+class ShardWriter:
+    """Cuts the token stream into samples of `seq_len` and shards of `samples_per_shard` samples in
+    `out`; after each shard, progress.json records how far the inputs are written (module doc).
+    Constructed on a directory holding an interrupted run with the same settings, it continues it.
+
+    Stream positions count tokens from the start of the first shard; `pending` holds the segments,
+    in order, whose tokens are not all in shards yet. `policy` records bad input; progress.json
+    keeps what it recorded up to the last record written."""
+
+    def __init__(self, out: Path, settings: dict, on_error: str) -> None:
+        self.out, self.settings = out, settings
+        self.seq_len, self.dtype, self.eos_id = settings["seq_len"], np.dtype(settings["dtype"]), settings["eos_id"]
+        self.shard_tokens = settings["samples_per_shard"] * self.seq_len
+        saved = self._read_progress()
+        self.shards: list[dict] = saved["shards"]
+        self.written: int = saved["written_tokens"]
+        self.skip_through: Position | None = tuple(saved["skip_through"]) if saved["skip_through"] else None
+        # The interrupted run's first record not all in shards, and how many of its tokens are:
+        # those are dropped when it is tokenized again.
+        self._partial: tuple[Position, int] | None = (
+            (tuple(saved["partial"][0]), saved["partial"][1]) if saved["partial"] else None)
+        self.stats = [SourceStats(**s) for s in saved["stats"]]
+        self.policy = _ResumePolicy(on_error, [DataError.from_dict(d) for d in saved["skipped"]], self.skip_through)
+        self.pending: deque[_Pending] = deque()
+        self.buffer: list[np.ndarray] = []
+        self.buffered = 0
+        self.stream_end = self.written  # absolute position after the last token tokenized
+
+    def _read_progress(self) -> dict:
+        """progress.json of an interrupted run with these settings, else the state of a fresh start."""
+        path = self.out / PROGRESS_FILE
+        if not path.exists():
+            return {"shards": [], "written_tokens": 0, "skip_through": None, "partial": None,
+                    "stats": [asdict(SourceStats()) for _ in self.settings["inputs"]], "skipped": []}
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if saved["settings"] != self.settings:
+            raise FileExistsError(f"{self.out}: holds an interrupted run with other inputs or settings; "
+                                  "pass overwrite=True (--overwrite) to start over")
+        logger.info("%s: resuming after %d shard(s)", self.out, len(saved["shards"]))
+        return saved
+
+    def consume(self, batch: list[Segment], encodings: list) -> int:
+        """Append the tokens of `batch` (EOS after each document) and write the shards that are full;
+        return how many tokens were appended."""
+        parts, count = [], 0
+        for segment, encoding in zip(batch, encodings):
+            ids = encoding.ids
+            full = len(ids) + segment.ends_document
+            drop = 0
+            if self._partial is not None and segment.position == self._partial[0]:
+                drop, self._partial = self._partial[1], None
+            self.pending.append(_Pending(segment.position, segment.position[0], self.stream_end - drop, full,
+                                         segment.ends_document, len(segment.text)))
+            self.stream_end += full - drop
+            count += full - drop
+            tail = (self.eos_id,) if segment.ends_document else ()
+            parts.append(chain(ids, tail) if not drop else (list(ids) + list(tail))[drop:])
+        self.buffer.append(np.fromiter(chain.from_iterable(parts), dtype=self.dtype, count=count))
+        self.buffered += count
+        self._flush(final=False)
+        return count
+
+    def _flush(self, final: bool) -> None:
+        """Write the buffered tokens as full shards; `final`: also the rest of the complete samples."""
+        if self.buffered < (self.seq_len if final else self.shard_tokens):
+            return
+        data = np.concatenate(self.buffer)
+        pos = 0
+        while len(data) - pos >= self.shard_tokens or (final and len(data) - pos >= self.seq_len):
+            n = min(self.shard_tokens, (len(data) - pos) // self.seq_len * self.seq_len)
+            self._write_shard(data[pos : pos + n])
+            pos += n
+        self.buffer, self.buffered = [data[pos:]], len(data) - pos
+
+    def finish(self) -> int:
+        """Write the last complete samples and count every segment in `stats`; return the number of
+        tokens dropped as the incomplete last sample."""
+        self._flush(final=True)
+        self._retire(self.stream_end)
+        return self.buffered
+
+    def _retire(self, upto: int) -> None:
+        """Move segments entirely before stream position `upto` out of `pending` into `stats`."""
+        while self.pending and self.pending[0].start + self.pending[0].tokens <= upto:
+            seg = self.pending.popleft()
+            self.stats[seg.source] += SourceStats(int(seg.ends_document), seg.tokens, seg.chars)
+            self.skip_through = seg.position
+
+    def _write_shard(self, tokens: np.ndarray) -> None:
+        name = shard_file_name(len(self.shards))
+        tmp = self.out / (name + ".tmp")
+        tokens.tofile(tmp)  # already of `dtype`: the buffer is built in it
+        os.replace(tmp, self.out / name)
+        self.shards.append({"file": name, "num_samples": len(tokens) // self.seq_len,
+                            "sha256": hashlib.sha256(tokens.tobytes()).hexdigest()})
+        self.written += len(tokens)
+        self._retire(self.written)
+        head = self.pending[0] if self.pending else None
+        _write_json(self.out / PROGRESS_FILE, {
+            "settings": self.settings, "shards": self.shards, "written_tokens": self.written,
+            "skip_through": self.skip_through,
+            "partial": (head.position, self.written - head.start) if head else None,
+            "stats": [asdict(s) for s in self.stats],
+            # Problems after skip_through are met again by a resumed run, which records them then.
+            "skipped": [e.to_dict() for e in self.policy.skipped if e.position is None
+                        or (self.skip_through is not None and e.position <= self.skip_through)],
+        })
+
+
 def _batches(segments: Iterator[Segment], batch_chars: int) -> Iterator[list[Segment]]:
     batch, chars = [], 0
     for segment in segments:
@@ -96,6 +225,29 @@ def _batches(segments: Iterator[Segment], batch_chars: int) -> Iterator[list[Seg
         yield batch
 
 
+def _tokenize(writer: ShardWriter, segments: Iterator[Segment], encode, batch_chars: int,
+              progress: bool) -> tuple[int, dict]:
+    """Encode `segments` into `writer`'s shards; return (dropped tail tokens, index["last_run"])."""
+    started, first = time.perf_counter(), writer.stream_end
+    bar = tqdm(desc=f"tokenizing -> {writer.out.name}", unit="tok", unit_scale=True, disable=not progress)
+    with ThreadPoolExecutor(max_workers=1) as pool:  # the next batch is encoded while this one is written
+        previous = None
+        for batch in _batches(segments, batch_chars):
+            future = pool.submit(encode, [s.text for s in batch], add_special_tokens=False)
+            if previous is not None:
+                bar.update(writer.consume(previous[0], previous[1].result()))
+                bar.set_postfix(shards=len(writer.shards))
+            previous = (batch, future)
+        if previous is not None:
+            bar.update(writer.consume(previous[0], previous[1].result()))
+    tail_tokens = writer.finish()
+    bar.close()
+    elapsed = time.perf_counter() - started
+    tokens = writer.stream_end - first
+    return tail_tokens, {"seconds": round(elapsed, 3), "tokens": tokens,
+                         "tokens_per_second": round(tokens / max(elapsed, 1e-9))}
+
+
 def _remove_outputs(out: Path) -> None:
     for path in out.iterdir():
         if path.name in (INDEX_FILE, PROGRESS_FILE) or (path.name.startswith("shard-") and
@@ -103,13 +255,51 @@ def _remove_outputs(out: Path) -> None:
             path.unlink()
 
 
+def _finished_index(out: Path, settings: dict, overwrite: bool) -> dict | None:
+    """The index of a finished run in `out` with these settings; `overwrite` first removes outputs."""
+    index_path = out / INDEX_FILE
+    if overwrite:
+        _remove_outputs(out)
+    elif index_path.exists():
+        existing = json.loads(index_path.read_text(encoding="utf-8"))
+        if existing.get("settings") == settings:
+            logger.info("%s: already prepared with these settings", out)
+            return existing
+        raise FileExistsError(f"{out}: holds shards prepared from other inputs or settings; "
+                              "pass overwrite=True (--overwrite) to replace them")
+    return None
+
+
+def _index(writer: ShardWriter, sources: list[Source], tokenizer: dict, tail_tokens: int, last_run: dict) -> dict:
+    """index.json for the shards `writer` wrote; an error if they hold no sample."""
+    num_samples = sum(s["num_samples"] for s in writer.shards)
+    total = sum(writer.stats, SourceStats())
+    if num_samples == 0:
+        raise DataError("empty_dataset", ", ".join(s.name for s in sources[:5]) + (" ..." if len(sources) > 5 else ""),
+                        f"at least seq_len={writer.seq_len} tokens for one sample",
+                        got=f"{total.tokens} tokens from {total.documents} documents; {writer.policy.summary()}")
+    return {
+        "format": FORMAT_NAME, "version": FORMAT_VERSION,
+        "seq_len": writer.seq_len, "dtype": writer.dtype.str, "eos_id": writer.eos_id,
+        "num_samples": num_samples, "num_tokens": num_samples * writer.seq_len,
+        "tokens_tokenized": total.tokens, "dropped_tail_tokens": tail_tokens,
+        "documents": total.documents,
+        "tokenizer": tokenizer,
+        "shards": writer.shards,
+        "sources": [s.describe() | asdict(stats) for s, stats in zip(sources, writer.stats)],
+        "skipped": writer.policy.to_json(),
+        "settings": writer.settings,
+        "last_run": last_run,
+    }
+
+
 def prepare_pretraining(
     inputs: Sequence[Any] | str,
     out_dir: str | os.PathLike,
     *,
     tokenizer: PreTrainedTokenizerBase | str | None = None,
-    seq_len: int = 2048,
-    text_field: str = "text",
+    seq_len: int = DEFAULT_SEQ_LEN,
+    text_field: str = DEFAULT_TEXT_FIELD,
     samples_per_shard: int | None = None,
     on_error: str = "skip",
     overwrite: bool = False,
@@ -129,167 +319,37 @@ def prepare_pretraining(
         raise ValueError(f"seq_len must be positive, got {seq_len}")
     tok = tokenizer if isinstance(tokenizer, PreTrainedTokenizerBase) else load_tokenizer(tokenizer)
     tokenizer_name = tokenizer if isinstance(tokenizer, str) else (
-        "EleutherAI/gpt-neox-20b" if tokenizer is None else getattr(tok, "name_or_path", "") or "custom")
-    eos_id = tok.eos_token_id
+        BUNDLED_TOKENIZER_NAMES[0] if tokenizer is None else getattr(tok, "name_or_path", "") or "custom")
     dtype = token_dtype(tokenizer_size(tok))
     if samples_per_shard is None:
         samples_per_shard = max(1, DEFAULT_SHARD_BYTES // (seq_len * dtype.itemsize))
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be positive, got {samples_per_shard}")
     backend = plain_backend(tok)
-    spec = json.loads(backend.to_str())
-    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
-    cut_chars = piece_chars if can_cut_documents(spec) else None
-
+    cut_chars = piece_chars if can_cut_documents(json.loads(backend.to_str())) else None
     sources = resolve_inputs([inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs))
     settings = json.loads(json.dumps({
         "inputs": [s.describe() | ({"rows": len(s.rows)} if hasattr(s.rows, "__len__") else {}) for s in sources],
         "text_field": text_field, "seq_len": seq_len, "samples_per_shard": samples_per_shard,
-        "dtype": dtype.str, "eos_id": eos_id, "tokenizer_fingerprint": backend_fingerprint(backend),
+        "dtype": dtype.str, "eos_id": tok.eos_token_id, "tokenizer_fingerprint": backend_fingerprint(backend),
         "piece_chars": cut_chars,
     }))
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    index_path, progress_path = out / INDEX_FILE, out / PROGRESS_FILE
-    if overwrite:
-        _remove_outputs(out)
-    elif index_path.exists():
-        existing = json.loads(index_path.read_text(encoding="utf-8"))
-        if existing.get("settings") == settings:
-            logger.info("%s: already prepared with these settings", out)
-            return existing
-        raise FileExistsError(f"{out}: holds shards prepared from other inputs or settings; "
-                              "pass overwrite=True (--overwrite) to replace them")
-    saved = json.loads(progress_path.read_text(encoding="utf-8")) if progress_path.exists() else None
-    if saved is not None and saved["settings"] != settings:
-        raise FileExistsError(f"{out}: holds an interrupted run with other inputs or settings; "
-                              "pass overwrite=True (--overwrite) to start over")
-
-    shards: list[dict] = saved["shards"] if saved else []
-    written = saved["written_tokens"] if saved else 0
-    skip_through: Position | None = tuple(saved["skip_through"]) if saved and saved["skip_through"] else None
-    partial = (tuple(saved["partial"][0]), saved["partial"][1]) if saved and saved["partial"] else None
-    stats = saved["stats"] if saved else [[0, 0, 0] for _ in sources]  # documents, tokens, chars
-    policy = _ResumePolicy(on_error, [DataError.from_dict(d) for d in saved["skipped"]] if saved else [],
-                           skip_through)
-    if saved:
-        logger.info("%s: resuming after %d shard(s)", out, len(shards))
-
-    shard_tokens = samples_per_shard * seq_len
-    pending: deque[_Pending] = deque()
-    buffer: list[np.ndarray] = []
-    buffered = 0
-    stream_end = written  # absolute position after the last token tokenized
-
-    def retire(upto: int) -> None:
-        """Move segments entirely before stream position `upto` out of `pending` into `stats`."""
-        nonlocal skip_through
-        while pending and pending[0].start + pending[0].tokens <= upto:
-            seg = pending.popleft()
-            row = stats[seg.source]
-            row[0] += seg.ends_document
-            row[1] += seg.tokens
-            row[2] += seg.chars
-            skip_through = seg.position
-
-    def write_shard(tokens: np.ndarray) -> None:
-        nonlocal written, partial
-        name = shard_file_name(len(shards))
-        tmp = out / (name + ".tmp")
-        tokens.astype(dtype, copy=False).tofile(tmp)
-        os.replace(tmp, out / name)
-        shards.append({"file": name, "num_samples": len(tokens) // seq_len,
-                       "sha256": hashlib.sha256(tokens.astype(dtype, copy=False).tobytes()).hexdigest()})
-        written += len(tokens)
-        retire(written)
-        partial = (pending[0].position, written - pending[0].start) if pending else None
-        _write_json(progress_path, {
-            "settings": settings, "shards": shards, "written_tokens": written,
-            "skip_through": skip_through, "partial": partial, "stats": stats,
-            "skipped": [e.to_dict() for e in policy.skipped
-                        if e.position is None or (skip_through is not None and e.position <= skip_through)],
-        })
-
-    def flush(final: bool) -> None:
-        nonlocal buffer, buffered
-        if buffered < (seq_len if final else shard_tokens):
-            return
-        data = np.concatenate(buffer)
-        pos = 0
-        while len(data) - pos >= shard_tokens or (final and len(data) - pos >= seq_len):
-            n = min(shard_tokens, (len(data) - pos) // seq_len * seq_len)
-            write_shard(data[pos : pos + n])
-            pos += n
-        buffer, buffered = [data[pos:]], len(data) - pos
-
-    def consume(batch: list[Segment], encodings: list) -> int:
-        nonlocal partial_todo, buffered, stream_end
-        parts, count = [], 0
-        for segment, encoding in zip(batch, encodings):
-            ids = encoding.ids
-            full = len(ids) + segment.ends_document
-            drop = 0
-            if partial_todo is not None and segment.position == partial_todo[0]:
-                drop, partial_todo = partial_todo[1], None
-            pending.append(_Pending(segment.position, segment.position[0], stream_end - drop, full,
-                                    segment.ends_document, len(segment.text)))
-            stream_end += full - drop
-            count += full - drop
-            tail = (eos_id,) if segment.ends_document else ()
-            parts.append(chain(ids, tail) if not drop else (list(ids) + list(tail))[drop:])
-        buffer.append(np.fromiter(chain.from_iterable(parts), dtype=dtype, count=count))
-        buffered += count
-        flush(final=False)
-        return count
-
-    partial_todo = partial
-    resume_from = skip_through
-    started = time.perf_counter()
-    segments = iter_segments(sources, text_field, policy, cut_chars)
-    if resume_from is not None:
-        segments = (s for s in segments if s.position > resume_from)
-    bar = tqdm(desc=f"tokenizing -> {out.name}", unit="tok", unit_scale=True, disable=not progress)
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        previous = None
-        for batch in _batches(segments, batch_chars):
-            future = pool.submit(encode, [s.text for s in batch], add_special_tokens=False)
-            if previous is not None:
-                bar.update(consume(previous[0], previous[1].result()))
-                bar.set_postfix(shards=len(shards))
-            previous = (batch, future)
-        if previous is not None:
-            bar.update(consume(previous[0], previous[1].result()))
-    flush(final=True)
-    tail_tokens = buffered
-    retire(stream_end)
-    bar.close()
-    elapsed = time.perf_counter() - started
-    tokens_this_run = stream_end - (saved["written_tokens"] if saved else 0)
-
-    num_samples = sum(s["num_samples"] for s in shards)
-    total_tokens = sum(row[1] for row in stats)
-    if num_samples == 0:
-        progress_path.unlink(missing_ok=True)
-        raise DataError("empty_dataset", ", ".join(s.name for s in sources[:5]) + (" ..." if len(sources) > 5 else ""),
-                        f"at least seq_len={seq_len} tokens for one sample",
-                        got=f"{total_tokens} tokens from {sum(r[0] for r in stats)} documents; {policy.summary()}")
-    index = {
-        "format": FORMAT_NAME, "version": FORMAT_VERSION,
-        "seq_len": seq_len, "dtype": dtype.str, "eos_id": eos_id,
-        "num_samples": num_samples, "num_tokens": num_samples * seq_len,
-        "tokens_tokenized": total_tokens, "dropped_tail_tokens": tail_tokens,
-        "documents": sum(r[0] for r in stats),
-        "tokenizer": {"name": tokenizer_name, "fingerprint": settings["tokenizer_fingerprint"],
-                      "vocab_size": tokenizer_size(tok)},
-        "shards": shards,
-        "sources": [s.describe() | {"documents": r[0], "tokens": r[1], "chars": r[2]} for s, r in zip(sources, stats)],
-        "skipped": policy.to_json(),
-        "settings": settings,
-        "last_run": {"seconds": round(elapsed, 3), "tokens": tokens_this_run,
-                     "tokens_per_second": round(tokens_this_run / max(elapsed, 1e-9))},
-    }
-    _write_json(index_path, index)
-    progress_path.unlink(missing_ok=True)
-    policy.log_summary(f"prepare {out}")
+    finished = _finished_index(out, settings, overwrite)
+    if finished is not None:
+        return finished
+    writer = ShardWriter(out, settings, on_error)
+    segments = iter_segments(sources, text_field, writer.policy, cut_chars)
+    resume_after = writer.policy.resume_after
+    if resume_after is not None:  # those records are in shards already
+        segments = (s for s in segments if s.position > resume_after)
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    tail_tokens, last_run = _tokenize(writer, segments, encode, batch_chars, progress)
+    index = _index(writer, sources, {"name": tokenizer_name, "fingerprint": settings["tokenizer_fingerprint"],
+                                     "vocab_size": tokenizer_size(tok)}, tail_tokens, last_run)
+    _write_json(out / INDEX_FILE, index)
+    (out / PROGRESS_FILE).unlink(missing_ok=True)
+    writer.policy.log_summary(f"prepare {out}")
     return index
