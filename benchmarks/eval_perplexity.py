@@ -26,7 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from mptkit.data.tokenizer import load_tokenizer  # noqa: E402
-from mptkit.eval.loading import load_model, read_texts  # noqa: E402
+from mptkit.data.sources import read_texts  # noqa: E402
+from mptkit.loading import load_model  # noqa: E402
 from mptkit.eval.perplexity import evaluate_perplexity, plan_windows, tokenize_documents  # noqa: E402
 from mptkit.model import MPTConfig, MPTForCausalLM  # noqa: E402
 
@@ -60,7 +61,7 @@ def main(argv=None) -> int:
         model_dir = Path(tempfile.mkdtemp()) / "model"
         torch.manual_seed(0)
         MPTForCausalLM(MPTConfig.from_preset("tiny", d_model=128, n_layers=4, max_seq_len=512)).save_pretrained(model_dir)
-    ours = load_model(model_dir, max_seq_len=args.seq_len)
+    ours, _ = load_model(model_dir, max_seq_len=args.seq_len)
     from transformers import MptForCausalLM
 
     theirs = MptForCausalLM.from_pretrained(model_dir, max_seq_len=args.seq_len + 1).eval()

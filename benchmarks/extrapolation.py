@@ -32,10 +32,11 @@ sys.path.insert(0, str(REPO))
 from mptkit.data.prepare import prepare_pretraining  # noqa: E402
 from mptkit.eval.extrapolation import markdown_table, plot_curves, sweep  # noqa: E402
 from mptkit.data.tokenizer import load_tokenizer  # noqa: E402
-from mptkit.eval.loading import load_model, read_texts  # noqa: E402
+from mptkit.data.sources import read_texts  # noqa: E402
 from mptkit.eval.perplexity import tokenize_documents  # noqa: E402
 from mptkit.train.config import load_config  # noqa: E402
-from mptkit.train.export import export_checkpoint  # noqa: E402
+from mptkit.export.hf import export_hf  # noqa: E402
+from mptkit.loading import load_model  # noqa: E402
 from mptkit.train.loop import train  # noqa: E402
 
 # MPTConfig overrides of each scheme; everything else is shared.
@@ -107,7 +108,7 @@ def train_scheme(args, scheme: str, shards: Path) -> dict:
     started = time.perf_counter()
     result = train(config)
     seconds = time.perf_counter() - started
-    export_checkpoint(result.checkpoint, run_dir / "model")
+    export_hf(result.checkpoint, run_dir / "model")
     last = sorted(result.losses)[-10:]
     return {
         "train_seconds": seconds,
@@ -117,7 +118,7 @@ def train_scheme(args, scheme: str, shards: Path) -> dict:
 
 
 def evaluate_scheme(args, scheme: str, documents, lengths, autocast) -> dict:
-    model = load_model(args.out / scheme / "model", max_seq_len=max(lengths))
+    model, _ = load_model(args.out / scheme / "model", max_seq_len=max(lengths))
     started = time.perf_counter()
     points = sweep(model, documents, lengths, stride_ratio=args.stride_ratio, autocast_dtype=autocast,
                    label=f"{scheme} ")

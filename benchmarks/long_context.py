@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mptkit.inference.decode import Decoder  # noqa: E402
-from mptkit.inference.loading import load_for_inference  # noqa: E402
+from mptkit.loading import load_model  # noqa: E402
 from mptkit.inference.sampling import SamplingParams  # noqa: E402
 from mptkit.model import MPTConfig, MPTForCausalLM  # noqa: E402
 from mptkit.model.alibi import alibi_slopes  # noqa: E402
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     max_seq_len = max(args.lengths) + args.new_tokens
     with tempfile.TemporaryDirectory() as directory:
         MPTForCausalLM(config).to(getattr(torch, args.dtype)).save_pretrained(directory)
-        model = load_for_inference(directory, dtype=args.dtype, max_seq_len=max_seq_len).model
+        model, _ = load_model(directory, dtype=args.dtype, max_seq_len=max_seq_len)
     kv_bytes_per_token = 2 * config.n_layers * config.kv_n_heads * config.head_dim * model.dtype.itemsize
     print(
         f"{args.preset} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, {args.dtype}), "

@@ -15,7 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("mptkit.data.commands", "train or inspect a byte-level BPE tokenizer"),
     "data": ("mptkit.data.commands", "tokenize corpora into streaming pretraining shards"),
     "train": ("mptkit.train.commands", "pretrain or fine-tune from a YAML config"),
-    "export": ("mptkit.train.commands", "write a training checkpoint as an HF-format directory"),
+    "export": ("mptkit.export.commands", "write a training checkpoint (or any model) as an HF-format directory"),
     "generate": ("mptkit.inference.commands", "generate text from a model"),
     "chat": ("mptkit.inference.commands", "multi-turn ChatML chat in the terminal"),
     "serve": ("mptkit.serve.commands", "OpenAI-compatible HTTP server"),

@@ -250,14 +250,15 @@ def extrapolation(cfg: DemoConfig, model_dir: Path):
     """Held-out perplexity of the pretrained model at 1x, 2x, 4x its training length."""
     import torch
 
-    from mptkit.data.tokenizer import load_tokenizer
+    from mptkit.data.sources import read_texts
     from mptkit.eval.extrapolation import markdown_table, plot_curves, sweep, sweep_columns
-    from mptkit.eval.loading import load_model, read_texts
     from mptkit.eval.perplexity import tokenize_documents
+    from mptkit.loading import load
 
     lengths = [cfg.train_len * m for m in cfg.multiples]
-    model = load_model(model_dir, max_seq_len=max(lengths))
-    documents = tokenize_documents(load_tokenizer(), read_texts(_resolve(cfg.heldout)))
+    loaded = load(model_dir, dtype="float32", max_seq_len=max(lengths))
+    model = loaded.model
+    documents = tokenize_documents(loaded.tokenizer, read_texts(_resolve(cfg.heldout)))
     documents = [d[: cfg.eval_tokens_per_book] for d in documents]
     points = sweep(model, documents, lengths, autocast_dtype=torch.bfloat16 if cfg.precision == "bf16" else None)
     columns = sweep_columns(points)
@@ -298,13 +299,13 @@ class Reply:
 def answer(cfg: DemoConfig, model_dir: Path, prompt: str) -> Reply:
     """The instruct-template answer, streamed to the terminal as it is generated."""
     from mptkit.data.templates import format_instruct
-    from mptkit.inference.commands import stop_token_ids
     from mptkit.inference.decode import Decoder
-    from mptkit.inference.loading import load_for_inference
+    from mptkit.inference.prompts import stop_token_ids
     from mptkit.inference.sampling import SamplingParams
     from mptkit.inference.text import GenerationRequest, stream_batch
+    from mptkit.loading import load
 
-    loaded = load_for_inference(model_dir, dtype="float32")
+    loaded = load(model_dir, dtype="float32")
     tokenizer = loaded.tokenizer
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                             repetition_penalty=cfg.repetition_penalty, seed=cfg.seed)
@@ -453,7 +454,7 @@ def _final(losses: dict[int, float], last: int = 10) -> float:
 
 
 def run(cfg: DemoConfig) -> Path:
-    from mptkit.train.export import export_checkpoint
+    from mptkit.export.hf import export_hf
 
     stages = Stages(total=6)
     load_start = os.getloadavg()[0]
@@ -471,8 +472,8 @@ def run(cfg: DemoConfig) -> Path:
     shutil.copyfile(Path(ft_config.output_dir) / "loss_curve.png", cfg.out / "finetune_loss.png")
 
     stages.begin("Exporting HF-format checkpoints")
-    export_checkpoint(pre.checkpoint, cfg.out / "base-model")
-    export_checkpoint(ft.checkpoint, cfg.out / "model")
+    export_hf(pre.checkpoint, cfg.out / "base-model")
+    export_hf(ft.checkpoint, cfg.out / "model")
     card_check, parameters = check_model_card_loading(cfg.out / "model", MODEL_CARD_PROMPT)
     print(f"[demo] wrote {cfg.out / 'model'} and {cfg.out / 'base-model'}; model-card load: {card_check}", flush=True)
 

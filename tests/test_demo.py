@@ -50,7 +50,7 @@ def test_demo_extrapolation_numbers_match_a_direct_computation(demo_out):
     import transformers
 
     from mptkit.data.tokenizer import load_tokenizer
-    from mptkit.eval.loading import read_texts
+    from mptkit.data.sources import read_texts
 
     model = transformers.AutoModelForCausalLM.from_pretrained(str(demo_out / "base-model"), trust_remote_code=True).eval()
     tokenizer = load_tokenizer()

@@ -12,8 +12,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mptkit.data.templates import DEFAULT_SYSTEM_PROMPT, format_chatml, format_instruct
 from mptkit.data.tokenizer import load_tokenizer
-from mptkit.inference.commands import chat_prompt_ids, main, stop_token_ids
-from mptkit.inference.loading import load_for_inference
+from mptkit.inference.commands import main
+from mptkit.inference.prompts import chat_prompt_ids, stop_token_ids
+from mptkit.loading import load
 from mptkit.model import MPTConfig, MPTForCausalLM
 
 
@@ -119,8 +120,8 @@ def test_training_checkpoint_loads_with_the_same_weights(tmp_path):
     Checkpointer(tmp_path, keep_last_n=2, env=env).save(
         3, model, optimizer, scheduler, {}, {}, config.to_json_string(), {"data": {"tokenizer": None}}
     )
-    loaded = load_for_inference(tmp_path, dtype="float32")  # the run directory: its newest step
-    assert loaded.source.name == "step_00000003"
+    loaded = load(tmp_path, dtype="float32")  # the run directory: its newest step
+    assert loaded.source.path.name == "step_00000003" and loaded.source.format == "training-checkpoint"
     reference = model.state_dict()
     for name, tensor in loaded.model.state_dict().items():
         assert torch.equal(tensor, reference[name]), name

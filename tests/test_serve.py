@@ -18,7 +18,7 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mptkit.data.templates import format_chatml
-from mptkit.inference.commands import stop_token_ids
+from mptkit.inference.prompts import stop_token_ids
 from mptkit.serve.commands import check_loopback
 from mptkit.serve.commands import main as serve_main
 

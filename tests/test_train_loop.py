@@ -11,7 +11,7 @@ from transformers import MptForCausalLM
 from mptkit.model import MPTConfig, MPTForCausalLM
 from mptkit.train.checkpoint import latest_checkpoint, list_checkpoints, load_model_weights
 from mptkit.train.config import load_config
-from mptkit.train.export import export_checkpoint
+from mptkit.export.hf import export_hf
 from mptkit.train.loop import LossWatch, TrainingHalted, cross_entropy_sum, target_count, train
 
 from .train_support import INSTRUCT_YAML, PRETRAIN_YAML, pretrain_overrides
@@ -55,7 +55,7 @@ def test_tiny_pretraining_from_the_example_config(pretrained):
 def test_export_writes_a_directory_that_transformers_loads_with_the_same_logits(pretrained, tmp_path):
     out, _ = pretrained
     checkpoint = latest_checkpoint(out / "checkpoints")
-    export_checkpoint(out / "checkpoints", tmp_path / "hf")
+    export_hf(out / "checkpoints", tmp_path / "hf")
     trained = MPTForCausalLM(MPTConfig.from_pretrained(tmp_path / "hf"))
     load_model_weights(trained, checkpoint)
     exported = MPTForCausalLM.from_pretrained(tmp_path / "hf")

@@ -22,6 +22,8 @@ from fsspec.implementations.local import LocalFileSystem
 
 from mptkit.data.errors import DataError, ErrorPolicy, describe
 
+DEFAULT_TEXT_FIELD = "text"  # the JSONL field / parquet column holding a document
+
 SourceKind = Literal["text", "jsonl", "parquet", "rows"]
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -266,6 +268,13 @@ def iter_segments(
 def iter_texts(sources: Sequence[Source], text_field: str, policy: ErrorPolicy) -> Iterator[str]:
     """Document texts (long text files in pieces), e.g. for tokenizer training."""
     return (s.text for s in iter_segments(sources, text_field, policy, piece_chars=1 << 16))
+
+
+def read_texts(paths: Sequence[Any], text_field: str = DEFAULT_TEXT_FIELD) -> list[str]:
+    """Whole documents from text files (one document each), JSONL (one per line, `text_field`),
+    directories or globs of those, e.g. for evaluation. Bad records fail with the file and line."""
+    return [segment.text for segment in iter_segments(resolve_inputs([str(p) for p in paths]), text_field,
+                                                      ErrorPolicy("fail"))]
 
 
 def can_cut_documents(tokenizer_json: dict) -> bool:

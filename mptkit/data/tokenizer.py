@@ -44,12 +44,14 @@ def _resolve(name_or_path: str | None) -> PreTrainedTokenizerFast:
     if path.is_file():
         return _from_tokenizer_file(path)
     if path.is_dir():
-        if (path / "tokenizer_config.json").is_file():
-            tokenizer = AutoTokenizer.from_pretrained(str(path))
-        elif (path / "tokenizer.json").is_file():
-            tokenizer = _from_tokenizer_file(path / "tokenizer.json")
-        else:
+        if not (path / "tokenizer.json").is_file():
             raise ValueError(f"{path}: expected a tokenizer directory with tokenizer.json")
+        if (path / "tokenizer_config.json").is_file():
+            # Not AutoTokenizer: it may read the model's config.json beside the tokenizer through
+            # transformers' own config class, which has nothing to say about the tokenizer.
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path))
+        else:
+            tokenizer = _from_tokenizer_file(path / "tokenizer.json")
     else:
         try:
             tokenizer = AutoTokenizer.from_pretrained(name_or_path)

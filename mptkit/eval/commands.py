@@ -7,6 +7,11 @@ import json
 import sys
 from pathlib import Path
 
+from mptkit.data.sources import DEFAULT_TEXT_FIELD, read_texts
+from mptkit.eval.extrapolation import DEFAULT_MULTIPLES, DEFAULT_STRIDE_RATIO
+from mptkit.eval.multiple_choice import DEFAULT_BATCH_SIZE
+from mptkit.eval.perplexity import DEFAULT_BATCH_TOKENS, PRECISIONS, autocast_dtype
+
 
 def main(command: str, argv: list[str]) -> int:
     if command != "eval":
@@ -24,16 +29,19 @@ def main(command: str, argv: list[str]) -> int:
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="HF-format model directory (mptkit export / save_pretrained)")
+    parser.add_argument("model", help="HF-format model directory, or a training checkpoint (or their directory)")
     parser.add_argument("--tokenizer", help="tokenizer file or directory (default: the model's, else GPT-NeoX-20B)")
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: matmuls under bf16 autocast")
+    parser.add_argument("--precision", choices=PRECISIONS, default=PRECISIONS[0],
+                        help="bf16: matmuls under bf16 autocast")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _data(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data", nargs="+", help="text files (one document each), JSONL, directories or globs")
-    parser.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
-    parser.add_argument("--batch-tokens", type=int, default=1024, help="input tokens per forward pass (more helps on GPUs)")
+    parser.add_argument("--text-field", default=DEFAULT_TEXT_FIELD,
+                        help=f"JSONL field holding the text (default: {DEFAULT_TEXT_FIELD})")
+    parser.add_argument("--batch-tokens", type=int, default=DEFAULT_BATCH_TOKENS,
+                        help="input tokens per forward pass (more helps on GPUs)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -52,9 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     _common(ext)
     _data(ext)
     ext.add_argument("--train-len", type=int, required=True, help="the length the model was trained at")
-    ext.add_argument("--multiples", default="1,2,4,8,16", help="eval lengths as multiples of train-len")
+    ext.add_argument("--multiples", default=",".join(map(str, DEFAULT_MULTIPLES)), help="eval lengths as multiples of train-len")
     ext.add_argument(
-        "--stride-ratio", type=float, default=0.25, help="sliding stride as a fraction of the eval length"
+        "--stride-ratio", type=float, default=DEFAULT_STRIDE_RATIO, help="sliding stride as a fraction of the eval length"
     )
     ext.add_argument("--no-sliding", action="store_true", help="nonoverlapping evaluation only")
     ext.add_argument("--out", type=Path, default=Path("out/extrapolation"), help="folder for the table, JSON and PNG")
@@ -64,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     _common(mc)
     mc.add_argument("data", type=Path, help="JSONL file, one {context, choices, label} per line")
     mc.add_argument("--max-len", type=int, help="cut inputs from the left to this many tokens")
-    mc.add_argument("--batch-size", type=int, default=16)
+    mc.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     mc.add_argument("--predictions", type=Path, help="write per-example scores as JSONL here")
     mc.set_defaults(run=_multiple_choice)
 
@@ -77,14 +85,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load(args, max_seq_len: int | None = None):
-    from mptkit.eval.loading import autocast_dtype, load_model, load_tokenizer_for
+    from mptkit.loading import load
 
-    model = load_model(args.model, max_seq_len=max_seq_len)
-    return model, load_tokenizer_for(args.model, args.tokenizer), autocast_dtype(args.precision)
+    loaded = load(args.model, dtype="float32", tokenizer=args.tokenizer, max_seq_len=max_seq_len)
+    return loaded.model, loaded.tokenizer, autocast_dtype(args.precision)
 
 
 def _documents(args, tokenizer) -> list[list[int]]:
-    from mptkit.eval.loading import read_texts
     from mptkit.eval.perplexity import tokenize_documents
 
     return tokenize_documents(tokenizer, read_texts(args.data, args.text_field))

@@ -26,6 +26,15 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 DEFAULT_BATCH_TOKENS = 1024  # more only grows the (tokens x vocab) logits; CPUs gain nothing (GPUs may)
+# Evaluation reads fp32 weights; "bf16" runs the matmuls under bf16 autocast.
+PRECISIONS = ("fp32", "bf16")
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype of an evaluation precision (None: plain fp32)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return None if precision == "fp32" else torch.bfloat16
 
 
 @dataclass(frozen=True)

@@ -13,32 +13,26 @@ import sys
 import time
 from pathlib import Path
 
-from mptkit.data.templates import DEFAULT_SYSTEM_PROMPT, IM_END, format_chatml, format_instruct
+from mptkit.data.templates import DEFAULT_SYSTEM_PROMPT
+from mptkit.inference.options import ModelOptions, add_model_arguments, build_generator
+from mptkit.inference.prompts import DEFAULT_TEMPLATE, TEMPLATES, apply_template, chat_prompt_ids, stop_token_ids
 
-TEMPLATES = ("none", "instruct", "chat")
+GENERATE_MAX_NEW_TOKENS = 256
+CHAT_MAX_NEW_TOKENS = 512  # room for a long answer; never more than half the window (see _run_chat)
+PROMPT_BATCH_SIZE = 8
 
-
-# ---- arguments shared with `mptkit serve` ------------------------------------------------------
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="HF-format model directory or training checkpoint directory")
-    parser.add_argument("--tokenizer", help="tokenizer directory or tokenizer.json (default: the model's)")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                        help="auto: bf16 where the hardware has it, else fp32")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    parser.add_argument("--max-seq-len", type=int, help="raise the context window (ALiBi extrapolation)")
-    parser.add_argument("--compile", action="store_true",
-                        help="compile the one-token decode step (pays off for long generations)")
-    parser.add_argument("--quantize", choices=("int8",), help="weight-only quantization of the projections")
+# ---- sampling arguments ------------------------------------------------------------------------
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    from mptkit.inference.sampling import SamplingParams
+
+    defaults = SamplingParams()
     parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--top-k", type=int, default=0, help="0 = off")
-    parser.add_argument("--top-p", type=float, default=1.0, help="1 = off")
-    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
+    parser.add_argument("--temperature", type=float, default=defaults.temperature, help="0 = greedy (default)")
+    parser.add_argument("--top-k", type=int, default=defaults.top_k, help="0 = off")
+    parser.add_argument("--top-p", type=float, default=defaults.top_p, help="1 = off")
+    parser.add_argument("--repetition-penalty", type=float, default=defaults.repetition_penalty, help="1 = off")
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--seed", type=int, help="seed for sampling (reproducible text)")
 
@@ -57,37 +51,6 @@ def sampling_params(args: argparse.Namespace):
     )
 
 
-def build_generator(args: argparse.Namespace):
-    """(Decoder, tokenizer) from the model arguments."""
-    from mptkit.inference.decode import Decoder, quantize_int8
-    from mptkit.inference.loading import load_for_inference
-
-    loaded = load_for_inference(
-        args.model, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer, max_seq_len=args.max_seq_len
-    )
-    model = quantize_int8(loaded.model) if args.quantize == "int8" else loaded.model
-    return Decoder(model, compile=args.compile), loaded.tokenizer
-
-
-def stop_token_ids(tokenizer, template: str) -> frozenset[int]:
-    """eos always; ChatML's `<|im_end|>` too when the prompt is ChatML."""
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    if template == "chat":
-        im_end = tokenizer.convert_tokens_to_ids(IM_END)
-        if im_end is not None and im_end != tokenizer.unk_token_id:
-            ids.add(im_end)
-    return frozenset(ids)
-
-
-def apply_template(template: str, prompt: str, system: str | None) -> str:
-    if template == "instruct":
-        return format_instruct(prompt)
-    if template == "chat":
-        messages = [{"role": "system", "content": system}] if system else []
-        return format_chatml(messages + [{"role": "user", "content": prompt}], add_generation_prompt=True)
-    return prompt
-
-
 # ---- generate ----------------------------------------------------------------------------------
 
 
@@ -99,11 +62,11 @@ def _generate_parser() -> argparse.ArgumentParser:
     source.add_argument("--prompts-file", type=Path,
                         help="many prompts, run in batches: .jsonl lines with a \"prompt\" field, or one "
                              "prompt per line; prints one JSON line per prompt")
-    parser.add_argument("--template", choices=TEMPLATES, default="none",
+    parser.add_argument("--template", choices=TEMPLATES, default=DEFAULT_TEMPLATE,
                         help="instruct: the mpt-7b-instruct template; chat: ChatML with a system turn")
     parser.add_argument("--system", default=DEFAULT_SYSTEM_PROMPT, help="system prompt for --template chat")
-    parser.add_argument("--batch-size", type=int, default=8, help="prompts per batch for --prompts-file")
-    add_sampling_arguments(parser, max_new_tokens=256)
+    parser.add_argument("--batch-size", type=int, default=PROMPT_BATCH_SIZE, help="prompts per batch for --prompts-file")
+    add_sampling_arguments(parser, max_new_tokens=GENERATE_MAX_NEW_TOKENS)
     return parser
 
 
@@ -137,7 +100,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size: expected >= 1, got {args.batch_size}")
     params = sampling_params(args)
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts_file)
-    decoder, tokenizer = build_generator(args)
+    decoder, tokenizer = build_generator(ModelOptions.from_args(args))
     stops = stop_token_ids(tokenizer, args.template)
     texts = [apply_template(args.template, p, args.system) for p in prompts]
     requests = [GenerationRequest(tokenizer(t)["input_ids"], params, stops) for t in texts]
@@ -187,30 +150,15 @@ def _chat_parser() -> argparse.ArgumentParser:
     )
     add_model_arguments(parser)
     parser.add_argument("--system", default=DEFAULT_SYSTEM_PROMPT, help="system prompt ('' for none)")
-    add_sampling_arguments(parser, max_new_tokens=512)
+    add_sampling_arguments(parser, max_new_tokens=CHAT_MAX_NEW_TOKENS)
     return parser
-
-
-def chat_prompt_ids(tokenizer, system: str, history: list[dict], message: str, budget: int) -> list[int] | None:
-    """Token ids of the ChatML prompt for `message`, with the oldest turns of `history` dropped
-    until it fits in `budget` tokens; None when even the message alone (and the system turn) does not.
-    `history` is trimmed in place, one user/assistant exchange at a time."""
-    system_turn = [{"role": "system", "content": system}] if system else []
-    while True:
-        messages = system_turn + history + [{"role": "user", "content": message}]
-        ids = tokenizer(format_chatml(messages, add_generation_prompt=True))["input_ids"]
-        if len(ids) <= budget:
-            return ids
-        if not history:
-            return None
-        del history[:2]  # the oldest user turn and the assistant's answer to it
 
 
 def _run_chat(args: argparse.Namespace) -> int:
     from mptkit.inference.text import GenerationRequest, stream_batch
 
     params = sampling_params(args)
-    decoder, tokenizer = build_generator(args)
+    decoder, tokenizer = build_generator(ModelOptions.from_args(args))
     stops = stop_token_ids(tokenizer, "chat")
     context = decoder.context_length
     # room kept for the answer: up to max_new_tokens, but never more than half the window

@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mptkit.data.templates import format_chatml
-from mptkit.inference.commands import stop_token_ids
+from mptkit.inference.prompts import stop_token_ids
 from mptkit.inference.sampling import SamplingParams
 
 from .engine import Engine, Event, Job

@@ -13,7 +13,8 @@ import logging
 import sys
 from pathlib import Path
 
-from mptkit.inference.commands import add_model_arguments, build_generator
+from mptkit.inference.options import ModelOptions, add_model_arguments, build_generator
+from mptkit.serve.engine import DEFAULT_MAX_BATCH_SIZE
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -22,7 +23,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="a loopback address (the server has no authentication)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--model-name", help="the id reported by /v1/models (default: the directory name)")
-    parser.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together")
+    parser.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE, help="requests decoded together")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     return parser
 
@@ -50,7 +51,7 @@ def main(command: str, argv: list[str]) -> int:
         from .app import create_app
         from .engine import Engine
 
-        decoder, tokenizer = build_generator(args)
+        decoder, tokenizer = build_generator(ModelOptions.from_args(args))
         engine = Engine(decoder, tokenizer, max_batch_size=args.max_batch_size)
     except (ValueError, FileNotFoundError) as e:
         print(f"mptkit {command}: error: {e}", file=sys.stderr)

@@ -27,6 +27,7 @@ logger = logging.getLogger("mptkit.serve")
 
 # Requests arriving within this long of each other share a batch.
 BATCH_WINDOW_S = 0.01
+DEFAULT_MAX_BATCH_SIZE = 8  # requests decoded together
 
 
 @dataclass
@@ -70,7 +71,7 @@ class EngineStats:
 
 
 class Engine:
-    def __init__(self, decoder: Decoder, tokenizer, max_batch_size: int = 8):
+    def __init__(self, decoder: Decoder, tokenizer, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size: expected >= 1, got {max_batch_size}")
         self.decoder = decoder

@@ -15,72 +15,41 @@ newest `step_*` directory is always complete.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
-import re
 import shutil
-import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import yaml
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
-    get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
     set_state_dict,
 )
 
+from mptkit.loading import (
+    TRAINING_MODEL_CONFIG,
+    TRAINING_RUN_CONFIG,
+    checkpoint_name,
+    is_checkpoint,
+    latest_checkpoint,
+    list_checkpoints,
+    resolve_checkpoint,
+    single_process_quietly,
+)
+from mptkit.loading import load_dcp_model_weights as load_model_weights
+from mptkit.loading import ModelSource, read_config_fields
+
 from .parallel import DistributedEnv, barrier
 
-_STEP_DIR = re.compile(r"^step_(\d+)$")
 _TEMP_PREFIX = ".tmp-"
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def is_checkpoint(path: Path) -> bool:
-    """A complete DCP checkpoint: DCP writes `.metadata` last, after every rank's data."""
-    return (Path(path) / ".metadata").is_file()
-
-
-def list_checkpoints(directory: Path) -> list[Path]:
-    """Complete checkpoints in `directory`, oldest first."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    found = [
-        (int(match.group(1)), path)
-        for path in directory.iterdir()
-        if (match := _STEP_DIR.match(path.name)) and is_checkpoint(path)
-    ]
-    return [path for _, path in sorted(found)]
-
-
-def latest_checkpoint(directory: Path) -> Path | None:
-    found = list_checkpoints(directory)
-    return found[-1] if found else None
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory, or a directory of them (its newest)."""
-    path = Path(path)
-    if is_checkpoint(path):
-        return path
-    newest = latest_checkpoint(path)
-    if newest is None:
-        raise FileNotFoundError(f"{path}: neither a checkpoint (no .metadata) nor a directory holding step_* checkpoints")
-    return newest
 
 
 def _fsync_dir(path: Path) -> None:
@@ -96,14 +65,6 @@ def _write_synced(path: Path, text: str) -> None:
         handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
-
-
-@contextlib.contextmanager
-def _single_process_quietly():
-    """DCP warns on every single-process save/load, which is intended use here."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-        yield
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
@@ -163,12 +124,12 @@ class Checkpointer:
             temp.mkdir(parents=True)
         barrier(self.env)
         state = self._state(model, optimizer, scheduler, trainer, data)
-        with _single_process_quietly():
+        with single_process_quietly():
             dcp.save(state, storage_writer=dcp.FileSystemWriter(temp, sync_files=True),
                      no_dist=not self.env.is_distributed)
         if self.env.is_main:
-            _write_synced(temp / "model_config.json", model_config_json)
-            _write_synced(temp / "run_config.yaml", yaml.safe_dump(run_config, sort_keys=False))
+            _write_synced(temp / TRAINING_MODEL_CONFIG, model_config_json)
+            _write_synced(temp / TRAINING_RUN_CONFIG, yaml.safe_dump(run_config, sort_keys=False))
             _fsync_dir(temp)
             if final.exists():  # the same step saved before (a resumed run that ends where it began)
                 stale = self.directory / f"{_TEMP_PREFIX}old-{final.name}"
@@ -192,7 +153,7 @@ class Checkpointer:
             # Resumed with more ranks than saved it: those ranks start fresh RNG streams.
             warnings.warn(f"{path} holds no RNG state for rank {self.env.rank}; its RNG is not restored")
             del state[rng_key]
-        with _single_process_quietly():
+        with single_process_quietly():
             dcp.load(state, checkpoint_id=path, no_dist=not self.env.is_distributed)
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -201,43 +162,11 @@ class Checkpointer:
         return json.loads(state["trainer"]), json.loads(state["data"])
 
 
-def load_model_weights(model: nn.Module, path: Path) -> None:
-    """Only the model weights of a training checkpoint (for fine-tuning from it or exporting).
-
-    Without a process group this reads every shard into one process, whatever world size wrote it.
-    """
-    state = {"model": get_model_state_dict(model)}
-    with _single_process_quietly():
-        dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
-    set_model_state_dict(model, state["model"])
-
-
 def load_full_model_state(model: nn.Module, full_state: dict[str, torch.Tensor], env: DistributedEnv) -> None:
     """Load an unsharded state dict held by rank 0 into a (possibly sharded) model."""
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=env.is_distributed)
     set_model_state_dict(model, full_state if env.is_main or not env.is_distributed else {}, options=options)
 
 
-def read_model_config_json(path: Path) -> str:
-    return (Path(path) / "model_config.json").read_text()
-
-
 def model_config_dict(path: Path) -> dict:
-    return json.loads(read_model_config_json(path))
-
-
-def load_checkpoint_model(path: str | Path) -> tuple[nn.Module, Path, str | None]:
-    """The fp32 model of a training checkpoint (or of the newest in a directory of them), the
-    checkpoint directory read, and the tokenizer its run used (None: MPT's default)."""
-    from mptkit.model import MPTConfig, MPTForCausalLM
-
-    checkpoint = resolve_checkpoint(path)
-    with torch.device("meta"):
-        model = MPTForCausalLM(MPTConfig(**model_config_dict(checkpoint)))
-    model.to_empty(device="cpu")
-    load_model_weights(model, checkpoint)
-    tokenizer = None
-    run_config_file = checkpoint / "run_config.yaml"
-    if run_config_file.is_file():
-        tokenizer = (yaml.safe_load(run_config_file.read_text()).get("data") or {}).get("tokenizer")
-    return model, checkpoint, tokenizer
+    return read_config_fields(ModelSource(Path(path), "training-checkpoint"))

@@ -1,19 +1,16 @@
-"""`mptkit train CONFIG.yaml [key=value ...]` and `mptkit export CHECKPOINT OUT_DIR`."""
+"""`mptkit train CONFIG.yaml [key=value ...]`."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from pathlib import Path
 
 
 def main(command: str, argv: list[str]) -> int:
     if command == "train":
         return _train(argv)
-    if command == "export":
-        return _export(argv)
-    raise ValueError(f"mptkit.train handles 'train' and 'export', not {command!r}")
+    raise ValueError(f"mptkit.train handles 'train', not {command!r}")
 
 
 def _train(argv: list[str]) -> int:
@@ -56,27 +53,3 @@ def _train(argv: list[str]) -> int:
         print(f"[mptkit train] done at step {result.step}; checkpoint {result.checkpoint}")
     return 0
 
-
-def _export(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="mptkit export",
-        description="Write a training checkpoint as an HF-format model directory (config.json, safetensors, "
-                    "the model's source for trust_remote_code, tokenizer).",
-    )
-    parser.add_argument("checkpoint", help="a checkpoint (step_* directory) or a checkpoint directory (its newest)")
-    parser.add_argument("out_dir")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="weight dtype to write (training keeps fp32 weights)")
-    parser.add_argument("--no-tokenizer", action="store_true", help="do not save the tokenizer beside the model")
-    args = parser.parse_args(argv)
-
-    from .export import export_checkpoint
-
-    try:
-        source = export_checkpoint(args.checkpoint, args.out_dir, dtype=args.dtype,
-                                   with_tokenizer=not args.no_tokenizer)
-    except FileNotFoundError as exc:
-        print(f"mptkit export: {exc}", file=sys.stderr)
-        return 2
-    print(f"[mptkit export] {source} -> {Path(args.out_dir)}")
-    return 0

@@ -1,0 +1,2 @@
+"""Exports: a model from any source `mptkit.loading` reads, written in a format other runtimes load
+(hf.py: the hub's HF layout with the model's own source files)."""

@@ -1,0 +1,21 @@
+"""Any model mptkit reads, as an HF-format directory (`mptkit export`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mptkit.loading import ModelSource, load
+
+EXPORT_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def export_hf(source: str | Path, out_dir: str | Path, dtype: str = "float32",
+              with_tokenizer: bool = True) -> ModelSource:
+    """Read `source` (a training checkpoint, possibly sharded, or an HF-format directory) in this one
+    process and save it with save_pretrained; returns what was read (for a directory of
+    checkpoints, its newest)."""
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(EXPORT_DTYPES)}")
+    loaded = load(source, dtype=dtype)
+    loaded.model.save_pretrained(out_dir, tokenizer=loaded.tokenizer if with_tokenizer else None)
+    return loaded.source
