@@ -8,19 +8,22 @@ import logging
 import sys
 from pathlib import Path
 
-from mptkit.data.errors import ON_ERROR_CHOICES, DataError
+from mptkit.data.errors import DEFAULT_ON_ERROR, ON_ERROR_CHOICES, DataError
+from mptkit.data.sources import DEFAULT_TEXT_FIELD
 
 
 def _tokenizer_parser() -> argparse.ArgumentParser:
+    from mptkit.data.tokenizer import DEFAULT_MIN_FREQUENCY
+
     parser = argparse.ArgumentParser(prog="mptkit tokenizer", description="Train or inspect a tokenizer.")
     sub = parser.add_subparsers(dest="action", required=True)
     train = sub.add_parser("train", help="train a byte-level BPE (GPT-NeoX kind) on a corpus")
     train.add_argument("inputs", nargs="+", help="text/JSONL/parquet files, directories, globs or URLs")
     train.add_argument("--out", required=True, help="directory for the HF tokenizer files")
     train.add_argument("--vocab-size", type=int, required=True)
-    train.add_argument("--text-field", default="text", help="JSONL field / parquet column holding the text")
-    train.add_argument("--min-frequency", type=int, default=2)
-    train.add_argument("--on-error", choices=ON_ERROR_CHOICES, default="skip")
+    train.add_argument("--text-field", default=DEFAULT_TEXT_FIELD, help="JSONL field / parquet column holding the text")
+    train.add_argument("--min-frequency", type=int, default=DEFAULT_MIN_FREQUENCY)
+    train.add_argument("--on-error", choices=ON_ERROR_CHOICES, default=DEFAULT_ON_ERROR)
     info = sub.add_parser("info", help="special tokens, sizes and fingerprint of a tokenizer")
     info.add_argument("tokenizer", nargs="?", default=None,
                       help="tokenizer.json, HF tokenizer directory (default: bundled GPT-NeoX-20B)")
@@ -32,7 +35,7 @@ def _tokenizer_parser() -> argparse.ArgumentParser:
 def _data_parser() -> argparse.ArgumentParser:
     # The defaults and choices are those of the modules that own them (importing them costs --help a few seconds).
     from mptkit.data.finetune import FORMATS, TRAIN_ON
-    from mptkit.data.prepare import DEFAULT_SEQ_LEN, DEFAULT_SHARD_BYTES, DEFAULT_TEXT_FIELD
+    from mptkit.data.prepare import DEFAULT_SEQ_LEN, DEFAULT_SHARD_BYTES
 
     parser = argparse.ArgumentParser(prog="mptkit data", description="Prepare and inspect training data.")
     sub = parser.add_subparsers(dest="action", required=True)
@@ -47,7 +50,7 @@ def _data_parser() -> argparse.ArgumentParser:
     prep.add_argument("--hf-dataset", default=None,
                       help="a `datasets` dataset (saved directory or hub name) to read besides INPUTS")
     prep.add_argument("--hf-split", default="train")
-    prep.add_argument("--on-error", choices=ON_ERROR_CHOICES, default="skip")
+    prep.add_argument("--on-error", choices=ON_ERROR_CHOICES, default=DEFAULT_ON_ERROR)
     prep.add_argument("--overwrite", action="store_true", help="replace existing shards instead of resuming")
     prep.add_argument("--no-progress", action="store_true")
     inspect = sub.add_parser("inspect", help="summarise a shard directory or fine-tuning JSONL")
@@ -56,10 +59,10 @@ def _data_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--chars", type=int, default=400, help="characters shown per sample")
     inspect.add_argument("--tokenizer", default=None)
     inspect.add_argument("--max-seq-len", type=int, default=2048, help="fine-tuning files: sequence length")
-    inspect.add_argument("--format", default="auto", choices=FORMATS)
-    inspect.add_argument("--train-on", default="last", choices=TRAIN_ON)
+    inspect.add_argument("--format", default=FORMATS[0], choices=FORMATS)
+    inspect.add_argument("--train-on", default=TRAIN_ON[0], choices=TRAIN_ON)
     inspect.add_argument("--packing", action="store_true")
-    inspect.add_argument("--on-error", choices=ON_ERROR_CHOICES, default="skip")
+    inspect.add_argument("--on-error", choices=ON_ERROR_CHOICES, default=DEFAULT_ON_ERROR)
     return parser
 
 

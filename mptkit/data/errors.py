@@ -17,6 +17,7 @@ logger = logging.getLogger("mptkit.data")
 
 OnError = Literal["skip", "fail"]
 ON_ERROR_CHOICES = ("skip", "fail")
+DEFAULT_ON_ERROR = "skip"
 
 
 class DataError(ValueError):
@@ -87,7 +88,7 @@ def describe(value: object, limit: int = 60) -> str:
 class ErrorPolicy:
     """Raise or record `DataError`s according to `on_error`."""
 
-    on_error: OnError = "skip"
+    on_error: OnError = DEFAULT_ON_ERROR
     skipped: list[DataError] = field(default_factory=list)
 
     def __post_init__(self) -> None:

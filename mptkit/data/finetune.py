@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from mptkit.data.errors import DataError, ErrorPolicy, describe
+from mptkit.data.errors import DEFAULT_ON_ERROR, DataError, ErrorPolicy, describe
 from mptkit.data.sources import Source, iter_jsonl_rows, resolve_inputs
 from mptkit.data.templates import (  # re-exported: the templates' public home is here too
     CHATML_GENERATION_PROMPT,
@@ -218,11 +218,11 @@ class FinetuneDataset(Dataset):
         tokenizer: PreTrainedTokenizerBase | str | None,
         max_seq_len: int,
         *,
-        format: str = "auto",
-        train_on: str = "last",
+        format: str = FORMATS[0],
+        train_on: str = TRAIN_ON[0],
         train_on_prompt: bool = False,
         packing: bool = False,
-        on_error: str = "skip",
+        on_error: str = DEFAULT_ON_ERROR,
     ) -> None:
         if format not in FORMATS:
             raise ValueError(f"format must be one of {FORMATS}, got {format!r}")

@@ -30,7 +30,7 @@ import numpy as np
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from mptkit.data.errors import DataError, ErrorPolicy
+from mptkit.data.errors import DEFAULT_ON_ERROR, DataError, ErrorPolicy
 from mptkit.data.shards import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -39,7 +39,7 @@ from mptkit.data.shards import (
     shard_file_name,
     token_dtype,
 )
-from mptkit.data.sources import Segment, Source, can_cut_documents, iter_segments, resolve_inputs
+from mptkit.data.sources import DEFAULT_TEXT_FIELD, Segment, Source, can_cut_documents, iter_segments, resolve_inputs
 from mptkit.data.tokenizer import (
     BUNDLED_TOKENIZER_NAMES,
     backend_fingerprint,
@@ -54,7 +54,6 @@ DEFAULT_SHARD_BYTES = 1 << 26  # 64 MiB: few files, cheap to fetch one at a time
 DEFAULT_PIECE_CHARS = 1 << 15  # long documents are tokenized in pieces of ~32K characters
 DEFAULT_BATCH_CHARS = 1 << 22  # ~1M tokens per encode call keeps every core busy
 DEFAULT_SEQ_LEN = 2048
-DEFAULT_TEXT_FIELD = "text"
 
 
 Position = tuple[int, int]
@@ -301,7 +300,7 @@ def prepare_pretraining(
     seq_len: int = DEFAULT_SEQ_LEN,
     text_field: str = DEFAULT_TEXT_FIELD,
     samples_per_shard: int | None = None,
-    on_error: str = "skip",
+    on_error: str = DEFAULT_ON_ERROR,
     overwrite: bool = False,
     progress: bool = True,
     batch_chars: int = DEFAULT_BATCH_CHARS,

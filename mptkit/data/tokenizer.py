@@ -17,6 +17,8 @@ from pathlib import Path
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from mptkit.data.errors import DEFAULT_ON_ERROR
+from mptkit.data.sources import DEFAULT_TEXT_FIELD
 from mptkit.data.templates import ENDOFTEXT, IM_END, IM_START
 
 BUNDLED_TOKENIZER_FILE = "gpt-neox-20b-tokenizer.json"
@@ -27,6 +29,7 @@ CHATML_TOKENS = (IM_START, IM_END)
 # Ids 0..3 of a tokenizer trained by `train_tokenizer`.
 TRAINED_SPECIAL_TOKENS = (ENDOFTEXT, PADDING_TOKEN, IM_START, IM_END)
 VOCAB_MULTIPLE = 128
+DEFAULT_MIN_FREQUENCY = 2  # BPE merges seen fewer times are not learned
 
 
 def bundled_tokenizer_path() -> Path:
@@ -148,9 +151,9 @@ def train_tokenizer(
     vocab_size: int,
     out_dir: str | os.PathLike,
     *,
-    text_field: str = "text",
-    min_frequency: int = 2,
-    on_error: str = "skip",
+    text_field: str = DEFAULT_TEXT_FIELD,
+    min_frequency: int = DEFAULT_MIN_FREQUENCY,
+    on_error: str = DEFAULT_ON_ERROR,
     progress: bool = True,
 ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE of the GPT-NeoX kind on text/JSONL/parquet inputs and save it as an
