@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 from tokenizers import Tokenizer
+from transformers import AutoTokenizer
 
 from mptkit.data.commands import main as data_main
+from mptkit.data.templates import CHATML_CHAT_TEMPLATE, DEFAULT_SYSTEM_PROMPT, format_chatml
 from mptkit.data.tokenizer import (
     bundled_tokenizer_path,
     check_vocab_fits,
@@ -87,6 +89,8 @@ def test_train_tiny_tokenizer(tmp_path):
     # A frequent corpus word became a token of its own.
     assert len(tok(" the", add_special_tokens=False)["input_ids"]) == 1
     assert tokenizer_fingerprint(load_tokenizer(str(out))) == tokenizer_fingerprint(tok)
+    # The directory on disk carries the chat template too, not only the tokenizer handed back.
+    assert AutoTokenizer.from_pretrained(str(out)).chat_template == CHATML_CHAT_TEMPLATE
 
 
 def test_tokenizer_cli(tmp_path, capsys):
@@ -98,3 +102,70 @@ def test_tokenizer_cli(tmp_path, capsys):
     assert "fits a model with vocab_size 384" in capsys.readouterr().out
     assert data_main("tokenizer", ["info", "--model-vocab-size", "50277"]) == 1
     assert "vocab_size is 50277" in capsys.readouterr().err
+
+
+# Content with what a careless template would change: edge whitespace (no strip), newlines,
+# non-ASCII, Jinja-looking text, and a ChatML marker inside a message.
+CONVERSATIONS = {
+    "user only": [{"role": "user", "content": "Hello world"}],
+    "system and user": [
+        {"role": "system", "content": DEFAULT_SYSTEM_PROMPT},
+        {"role": "user", "content": "  Bonjour,\nça va? 🦊  "},
+    ],
+    "several turns, no system": [
+        {"role": "user", "content": "What is ALiBi?"},
+        {"role": "assistant", "content": "A linear bias on attention scores.\n\nNo position embeddings."},
+        {"role": "user", "content": "{{ not jinja }} and {% raw %}"},
+        {"role": "assistant", "content": "Literal text: <|im_end|> inside."},
+    ],
+    "several turns with system": [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "2 + 2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "\n3 + 3?\n"},
+    ],
+}
+
+
+def _chat_ids(tokenizer, messages, add_generation_prompt):
+    ids = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False
+    )
+    return list(ids)
+
+
+@pytest.mark.parametrize("name", list(CONVERSATIONS))
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_chat_template_renders_format_chatml(neox, name, add_generation_prompt):
+    messages = CONVERSATIONS[name]
+    text = format_chatml(messages, add_generation_prompt=add_generation_prompt)
+    assert neox.chat_template == CHATML_CHAT_TEMPLATE
+    assert neox.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False) == text
+    # mptkit's own prompt ids (inference and the server tokenize format_chatml's text like this).
+    expected = neox(text)["input_ids"]
+    assert _chat_ids(neox, messages, add_generation_prompt) == expected
+    assert expected.count(neox.convert_tokens_to_ids("<|im_start|>")) == len(messages) + add_generation_prompt
+
+
+def test_saved_tokenizer_keeps_chat_template_without_mptkit(neox, tmp_path):
+    neox.save_pretrained(tmp_path / "tok")
+    plain = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))  # transformers alone
+    assert plain.chat_template == CHATML_CHAT_TEMPLATE
+    for messages in CONVERSATIONS.values():
+        for add_generation_prompt in (True, False):
+            text = format_chatml(messages, add_generation_prompt=add_generation_prompt)
+            assert plain.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False) == text
+            assert _chat_ids(plain, messages, add_generation_prompt) == neox(text)["input_ids"]
+
+
+def test_own_chat_template_is_kept(neox, tmp_path):
+    own = "{% for message in messages %}{{ message['role'] + ': ' + message['content'] + '\\n' }}{% endfor %}"
+    neox.save_pretrained(tmp_path / "tok")
+    custom = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    custom.chat_template = own
+    custom.save_pretrained(tmp_path / "own")
+    reloaded = load_tokenizer(str(tmp_path / "own"))
+    assert reloaded.chat_template == own
+    assert reloaded.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "user: hi\n"
+    # A bare tokenizer.json has no template: it gets ChatML.
+    assert load_tokenizer(str(tmp_path / "own" / "tokenizer.json")).chat_template == CHATML_CHAT_TEMPLATE

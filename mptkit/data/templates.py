@@ -39,6 +39,19 @@ def format_instruct(instruction: str, context: str | None = None) -> str:
     return INSTRUCT_TEMPLATE.format(instruction=instruction)
 
 
+# The same ChatML (mpt-7b-chat's format) as a Jinja chat template, set as `tokenizer.chat_template`
+# by load_tokenizer, so `apply_chat_template` (transformers, and tools built on it such as vLLM's
+# chat endpoint) renders mptkit's prompts. It must render exactly what `format_chatml` renders: one
+# `<|im_start|>{role}\n{content}<|im_end|>\n` per message, no default system turn, and
+# CHATML_GENERATION_PROMPT with add_generation_prompt (tests/test_data_tokenizer.py checks both).
+CHATML_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
 def format_chatml_turn(role: str, content: str) -> str:
     return f"{IM_START}{role}\n{content}{IM_END}\n"
 

@@ -3,7 +3,8 @@
 Every tokenizer mptkit hands out follows the MPT conventions (MPT.md section 3): `<|endoftext|>` is
 bos, eos and unk, the pad token is eos, padding is on the left (for batched generation; training
 collators pad on the right themselves), and the ChatML markers `<|im_start|>` / `<|im_end|>` exist as
-special tokens (added after the base vocabulary when missing, as mpt-7b-chat did).
+special tokens (added after the base vocabulary when missing, as mpt-7b-chat did), with
+mpt-7b-chat's ChatML `chat_template` unless the tokenizer already has a template of its own.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from mptkit.data.errors import DEFAULT_ON_ERROR
 from mptkit.data.sources import DEFAULT_TEXT_FIELD
-from mptkit.data.templates import ENDOFTEXT, IM_END, IM_START
+from mptkit.data.templates import CHATML_CHAT_TEMPLATE, ENDOFTEXT, IM_END, IM_START
 
 BUNDLED_TOKENIZER_FILE = "gpt-neox-20b-tokenizer.json"
 # Names that mean the bundled file (MPT configs say tokenizer_name: EleutherAI/gpt-neox-20b).
@@ -78,6 +79,11 @@ def load_tokenizer(
 
     name_or_path: None or "EleutherAI/gpt-neox-20b" for the bundled GPT-NeoX-20B tokenizer, a
     tokenizer.json file, or a local HF tokenizer directory (a hub name works only if cached).
+
+    add_chatml: add the ChatML markers when missing and set `chat_template` to mpt-7b-chat's
+    ChatML (CHATML_CHAT_TEMPLATE, which renders what `format_chatml` renders), so
+    `apply_chat_template` and every `save_pretrained` copy carry it. A tokenizer that already has
+    a `chat_template` (a user's own, or one saved by mptkit) keeps it.
     """
     tokenizer = _resolve(name_or_path)
     vocab = tokenizer.get_vocab()
@@ -100,6 +106,8 @@ def load_tokenizer(
             named = {getattr(tokenizer, f"{r}_token") for r in ("bos", "eos", "unk", "pad", "sep", "cls", "mask")}
             extra = [t for t in tokenizer.all_special_tokens if t not in named]
             tokenizer.add_special_tokens({"additional_special_tokens": extra + missing})
+        if not tokenizer.chat_template:
+            tokenizer.chat_template = CHATML_CHAT_TEMPLATE
     tokenizer.padding_side = padding_side
     return tokenizer
 
@@ -197,6 +205,7 @@ def train_tokenizer(
         unk_token=ENDOFTEXT,
         pad_token=ENDOFTEXT,
         additional_special_tokens=list(CHATML_TOKENS),
+        chat_template=CHATML_CHAT_TEMPLATE,  # saved with it, not only set when loaded back
     )
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     wrapped.save_pretrained(str(out_dir))
