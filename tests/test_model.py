@@ -199,6 +199,59 @@ def test_unknown_preset_lists_choices():
         MPTConfig.from_preset("mpt-8b")
 
 
+def test_config_error_carries_the_dotted_field_and_the_message_apart():
+    with pytest.raises(ConfigError) as info:
+        MPTConfig.from_preset("tiny", attn_config={"alibi_bias_max": -1})
+    error = info.value
+    assert (error.field, error.message) == ("attn_config.alibi_bias_max", "expected > 0, got -1")
+    assert str(error) == "MPTConfig.attn_config.alibi_bias_max: expected > 0, got -1"
+    with pytest.raises(ConfigError) as info:
+        MPTConfig.from_preset("tiny", attn_config={"alibbi": True})
+    assert info.value.field == "attn_config.alibbi" and str(info.value).startswith("MPTConfig.attn_config.alibbi: ")
+    import pickle
+
+    assert str(pickle.loads(pickle.dumps(error))) == str(error)  # errors cross process boundaries intact
+
+
+def test_one_merge_of_config_fields_for_presets_and_overrides():
+    from mptkit.model.configuration_mpt import merge_config_fields
+    from mptkit.model.presets import PRESETS
+
+    base = {"d_model": 64, "attn_config": {"alibi": True, "clip_qkv": 6}, "init_config": {"init_std": 0.02}}
+    merged = merge_config_fields(base, {"d_model": 128, "attn_config": {"clip_qkv": None}, "init_config": None})
+    assert merged == {"d_model": 128, "attn_config": {"alibi": True, "clip_qkv": None}, "init_config": {"init_std": 0.02}}
+    assert base["attn_config"] == {"alibi": True, "clip_qkv": 6}  # the inputs are not changed
+    with pytest.raises(ConfigError, match="attn_config: expected a mapping"):
+        merge_config_fields(base, {"attn_config": [1]})
+    # Presets are built by the same merge; from_preset merges its overrides into a preset's dicts.
+    story = MPTConfig.from_preset("mpt-7b-storywriter", attn_config={"clip_qkv": 8})
+    assert (story.attn.alibi, story.attn.alibi_bias_max, story.attn.clip_qkv) == (True, 16, 8)
+    assert PRESETS["tiny"]["attn_config"] == {"alibi": True} and PRESETS["tiny"]["max_seq_len"] == 256
+
+
+def test_field_values_are_stored_in_the_types_transformers_validates():
+    config = MPTConfig(d_model=64, n_heads=4, n_layers=2)
+    assert type(config.attn_config["alibi_bias_max"]) is int and type(config.attn_config["attn_pdrop"]) is int
+    config = MPTConfig(d_model=64.0, n_heads=4, n_layers=2, expansion_ratio=4.0, layer_norm_epsilon="1e-6",
+                       embedding_fraction=1, logit_scale=2, resid_pdrop=0,
+                       attn_config={"alibi_bias_max": 16.0, "clip_qkv": 6, "softmax_scale": 1, "attn_pdrop": 0.0,
+                                    "kv_n_heads": 2.0, "sliding_window_size": 8.0, "rope_theta": 500})
+    typed = {name: type(getattr(config, name)) for name in ("d_model", "expansion_ratio", "layer_norm_epsilon",
+                                                             "embedding_fraction", "logit_scale", "resid_pdrop")}
+    assert typed == {"d_model": int, "expansion_ratio": int, "layer_norm_epsilon": float,
+                     "embedding_fraction": float, "logit_scale": float, "resid_pdrop": float}
+    attn = {name: type(value) for name, value in config.attn_config.items() if name in (
+        "alibi_bias_max", "clip_qkv", "softmax_scale", "attn_pdrop", "kv_n_heads", "sliding_window_size", "rope_theta")}
+    assert attn == {"alibi_bias_max": int, "clip_qkv": float, "softmax_scale": float, "attn_pdrop": int,
+                    "kv_n_heads": int, "sliding_window_size": int, "rope_theta": float}
+    assert config.layer_norm_epsilon == 1e-6 and config.attn.alibi_bias_max == 16
+    # Genuinely fractional values stay valid for mptkit's own code.
+    fractional = MPTConfig(d_model=64, n_heads=4, n_layers=2, expansion_ratio=2.5,
+                           attn_config={"alibi": True, "alibi_bias_max": 12.5, "attn_pdrop": 0.1})
+    assert (fractional.expansion_ratio, fractional.attn.alibi_bias_max, fractional.attn.attn_pdrop) == (2.5, 12.5, 0.1)
+    assert MPTConfig.from_dict(fractional.to_dict()).attn == fractional.attn
+
+
 # ---------------------------------------------------------------------------------------------
 # Against transformers' MptForCausalLM
 
@@ -239,6 +292,132 @@ def test_saving_warns_about_features_transformers_mpt_ignores(tmp_path):
     model = build(tiny(attn_config={"attn_type": "grouped_query_attention", "kv_n_heads": 2, "qk_ln": True}))
     with pytest.warns(UserWarning, match="kv_n_heads=2.*qk_ln"):
         model.save_pretrained(tmp_path)
+
+
+# Every optional field that stock MptForCausalLM implements, written as a user writes YAML: whole
+# numbers without a dot, `8.0` for an int field, `1e-6` (a string to YAML 1.1).
+STOCK_FEATURES_YAML = """
+d_model: 96
+n_heads: 6
+n_layers: 2
+vocab_size: 320
+max_seq_len: 64
+expansion_ratio: 4.0
+layer_norm_epsilon: 1e-6
+norm_type: layernorm
+no_bias: true
+learned_pos_emb: true
+embedding_fraction: 1
+resid_pdrop: 0
+emb_pdrop: 0
+logit_scale: null
+attn_config:
+  attn_type: multihead_attention
+  attn_impl: sdpa
+  alibi: true
+  alibi_bias_max: 8.0
+  clip_qkv: 1
+  softmax_scale: 0.25
+  attn_pdrop: 0.0
+init_config:
+  init_std: 0.02
+  init_gain: 0
+  emb_init_std: 0.01
+"""
+
+# Features stock MptForCausalLM does not run: its config must still load without remote code.
+UNSUPPORTED_FEATURES_YAML = {
+    "mqa-qkln-bias16-logitscale-glu-rmsnorm-bias-untied-prefix": """
+attn_config: {alibi: true, alibi_bias_max: 16, attn_type: multiquery_attention, qk_ln: true, clip_qkv: 6,
+              prefix_lm: true, attn_uses_sequence_id: true, sliding_window_size: 16.0, attn_pdrop: 0}
+ffn_config: {ffn_type: mptglu, ffn_hidden_size: 200.0}
+logit_scale: 2
+norm_type: rmsnorm
+no_bias: false
+tie_word_embeddings: false
+embedding_fraction: 0.5
+resid_pdrop: 0.1
+emb_pdrop: 0
+init_config: {init_div_is_residual: 2, emb_init_uniform_lim: [-0.1, 0.1]}
+""",
+    "rope": "attn_config: {alibi: false, rope: true, rope_theta: 500}\nlogit_scale: inv_sqrt_d_model\n",
+    "learned-positions": "attn_config: {alibi: false}\nexpansion_ratio: 3.0\n",
+}
+
+
+def _fields(config: MPTConfig) -> dict:
+    """The model's fields of a config (without where it was loaded from or what saved it)."""
+    bookkeeping = {"_name_or_path", "architectures", "auto_map", "transformers_version"}
+    return {key: value for key, value in config.to_dict().items() if key not in bookkeeping}
+
+
+def _stock_twin_of(model: MPTForCausalLM, directory) -> MptForCausalLM:
+    """Save with mptkit, load with stock transformers (no remote code), as `mptkit generate` would."""
+    model.save_pretrained(directory)
+    return MptForCausalLM.from_pretrained(directory, trust_remote_code=False).eval()
+
+
+def test_a_default_config_checkpoint_loads_in_stock_transformers(tmp_path):
+    # MPTConfig's defaults at a toy size (learned positions, so stock MPT loads it but cannot run it).
+    model = build(MPTConfig(d_model=64, n_heads=4, n_layers=2, vocab_size=VOCAB, max_seq_len=64))
+    with pytest.warns(UserWarning, match="ALiBi being off"):
+        _stock_twin_of(model, tmp_path / "default")
+    stock = MptConfig.from_pretrained(tmp_path / "default")
+    assert (stock.d_model, stock.attn_config.alibi_bias_max, stock.expansion_ratio) == (64, 8, 4)
+    # The same defaults with ALiBi on (the hub's MPT) run in stock transformers with the same logits.
+    model = build(MPTConfig(d_model=64, n_heads=4, n_layers=2, vocab_size=VOCAB, max_seq_len=64,
+                            attn_config={"alibi": True}))
+    twin = _stock_twin_of(model, tmp_path / "alibi")
+    ids = torch.randint(0, VOCAB, (2, 19))
+    with torch.no_grad():
+        torch.testing.assert_close(twin(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_every_stock_feature_written_as_yaml_gives_stock_transformers_the_same_logits(tmp_path):
+    import yaml
+
+    from mptkit.model.modeling_mpt import transformers_mpt_ignores
+
+    config = MPTConfig(**yaml.safe_load(STOCK_FEATURES_YAML))
+    assert config.layer_norm_epsilon == 1e-6 and config.attn.clip_qkv == 1.0
+    assert transformers_mpt_ignores(config) == []
+    model = build(config)
+    twin = _stock_twin_of(model, tmp_path)
+    assert twin.config.attn_config.clip_qkv == 1.0 and twin.config.attn_config.softmax_scale == 0.25
+    assert twin.config.layer_norm_epsilon == 1e-6
+    ids = torch.randint(0, VOCAB, (3, 29))
+    with torch.no_grad():
+        torch.testing.assert_close(twin(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+    assert _fields(MPTForCausalLM.from_pretrained(tmp_path).config) == _fields(config)
+
+
+@pytest.mark.parametrize("feature", list(UNSUPPORTED_FEATURES_YAML))
+def test_configs_with_features_stock_mpt_lacks_still_load_in_stock_transformers(tmp_path, feature):
+    import yaml
+    from transformers import AutoConfig
+
+    from mptkit.model.configuration_mpt import merge_config_fields
+
+    fields = {**yaml.safe_load(STOCK_FEATURES_YAML), "init_config": None}
+    config = MPTConfig(**merge_config_fields(fields, yaml.safe_load(UNSUPPORTED_FEATURES_YAML[feature])))
+    with pytest.warns(UserWarning, match="would silently ignore"):
+        MPTForCausalLM(config).save_pretrained(tmp_path)
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), MptConfig)  # no remote code
+    MptConfig.from_pretrained(tmp_path)
+    assert _fields(MPTConfig.from_pretrained(tmp_path)) == _fields(config)
+
+
+def test_a_gqa_config_differs_from_stock_transformers_types_only_in_its_attn_type(tmp_path):
+    # Stock MptConfig's attn_type is Literal["multihead_attention", "multiquery_attention"]: a GQA
+    # model cannot claim to be either, so only that field is left for it to refuse.
+    config = tiny(attn_config={"attn_type": "grouped_query_attention", "kv_n_heads": 2.0, "clip_qkv": 6})
+    with pytest.warns(UserWarning, match="kv_n_heads=2"):
+        MPTForCausalLM(config).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    with pytest.raises(Exception, match="attn_type"):
+        MptConfig(**saved)
+    saved["attn_config"]["attn_type"] = "multihead_attention"
+    assert MptConfig(**saved).attn_config.clip_qkv == 6.0
 
 
 # ---------------------------------------------------------------------------------------------

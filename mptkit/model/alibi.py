@@ -11,8 +11,14 @@ import math
 
 import torch
 
+# MPT's (and the paper's) bias bound b: every published MPT but storywriter (16) uses it, and
+# transformers' own MptForCausalLM implements only it. The one place this default is written.
+DEFAULT_ALIBI_BIAS_MAX = 8
 
-def alibi_slopes(n_heads: int, alibi_bias_max: float = 8.0, device=None, dtype=torch.float32) -> torch.Tensor:
+
+def alibi_slopes(
+    n_heads: int, alibi_bias_max: float = DEFAULT_ALIBI_BIAS_MAX, device=None, dtype=torch.float32
+) -> torch.Tensor:
     """MPT's per-head slopes, shape (n_heads,), computed in float64 and returned in `dtype`.
 
     With n' = 2^ceil(log2(n_heads)) the candidate slopes are m_k = 2^(-k * b / n'), k = 1..n'.

@@ -3,18 +3,30 @@
 On disk the config keeps the hub layout (`attn_config`, `init_config`, `ffn_config` dicts) so that
 published checkpoints load unchanged. Model code never reads those dicts: it reads `config.attn`,
 `config.init` and `config.ffn`, dataclasses built and checked here.
+
+Field values are stored in the JSON types that transformers' own (strict) `MptConfig` validates,
+whatever the caller passed: `alibi_bias_max: 8.0` is kept as 8, `clip_qkv: 6` as 6.0 (see
+`_as_declared_type`), so that a saved config.json also loads without mptkit's remote code.
+
+Overrides of a config's fields (presets, training runs, `init_from` models) are applied by one
+function, `merge_config_fields`.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import functools
 import math
+import typing
 import warnings
 from dataclasses import dataclass
 from typing import Any
 
 from transformers import PretrainedConfig
+
+from .alibi import DEFAULT_ALIBI_BIAS_MAX
 
 ATTN_TYPES = {"multihead_attention", "multiquery_attention", "grouped_query_attention"}
 ATTN_IMPLS = ("auto", "torch", "sdpa", "flex", "flash")
@@ -29,6 +41,8 @@ INIT_NAMES = {
     "small_init_",
     "neox_init_",
 }
+# MPT's FFN width as a multiple of d_model, which transformers' own MptMLP hard-codes.
+DEFAULT_EXPANSION_RATIO = 4
 # attn_config keys written by later llm-foundry versions that do not change the math we implement.
 _IGNORED_ATTN_KEYS = {"rope_impl", "rope_dail_config", "rope_hf_config", "fused_qkv", "flash_attn_version"}
 
@@ -39,24 +53,96 @@ def _generic_config_keys() -> set[str]:
 
 
 class ConfigError(ValueError):
-    """An invalid MPT config; the message names the field."""
+    """An invalid configuration: the one error type of mptkit's configs (the model's and a training run's).
+
+    `field` is the dotted name of the bad field (None when no single field is to blame), `message`
+    says what is wrong, `scope` names the config the field belongs to ("MPTConfig") and `where`
+    where the value was set (a file:line, a command-line override). str() joins what is known:
+    "where: scope.field: message", e.g. "MPTConfig.attn_config.alibi_bias_max: expected > 0, got -1"
+    or "run.yaml:7: model.attn_config.alibi_bias_max: expected > 0, got -1".
+    """
+
+    def __init__(self, message: str, *, field: str | None = None, scope: str | None = None,
+                 where: str | None = None):
+        self.message, self.field, self.scope, self.where = message, field, scope, where
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        name = ".".join(part for part in (self.scope, self.field) if part)
+        return ": ".join(part for part in (self.where, name, self.message) if part)
+
+    def __reduce__(self):  # keyword-only arguments: rebuild from the message, then restore the rest
+        return (type(self), (self.message,), dict(self.__dict__))
 
 
-def _fail(field: str, message: str) -> None:
-    raise ConfigError(f"MPTConfig.{field}: {message}")
+def _fail(field: str, message: str) -> typing.NoReturn:
+    raise ConfigError(message, field=field, scope="MPTConfig")
+
+
+# The hub dicts inside config.json; their keys are merged one by one (every other field is replaced).
+NESTED_SECTIONS = ("attn_config", "init_config", "ffn_config")
+
+
+def merge_config_fields(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`base` config fields with `overrides` applied: the nested sections key by key, others replaced.
+
+    The one merge of MPT config fields (presets, `MPTConfig.from_preset`, a training run's
+    `model:` section over a preset or an `init_from` model). Neither argument is changed.
+    """
+    merged = copy.deepcopy(base)
+    for key, value in copy.deepcopy(overrides).items():
+        if key not in NESTED_SECTIONS:
+            merged[key] = value
+        elif value is None or isinstance(value, dict):
+            merged[key] = {**(merged.get(key) or {}), **(value or {})}
+        else:
+            _fail(key, f"expected a mapping of {key} keys, got {value!r}")
+    return merged
+
+
+def _as_declared_type(value: Any, hint: Any) -> Any:
+    """`value` in the JSON type its field declares, which is the type transformers' MptConfig checks.
+
+    Whole floats become ints where an int is allowed (alibi_bias_max 8.0 -> 8, expansion_ratio 4.0
+    -> 4), ints become floats where only a float is (clip_qkv 6 -> 6.0), and numeric strings become
+    numbers where a float is allowed (YAML 1.1 reads `1e-5` as a string). A genuinely fractional
+    value stays as it is: `int | float` fields (alibi_bias_max 12.5) keep it for mptkit's own code.
+    Anything else is left for validation to judge.
+    """
+    if isinstance(value, bool):
+        return value
+    allowed = set(typing.get_args(hint)) or {hint}
+    if isinstance(value, str) and float in allowed:
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        value = number if math.isfinite(number) else value
+    if isinstance(value, float) and int in allowed and value.is_integer():
+        return int(value)
+    if isinstance(value, int) and int not in allowed and float in allowed:
+        return float(value)
+    return value
+
+
+@functools.cache
+def _declared_types(target) -> dict[str, Any]:
+    return typing.get_type_hints(target)
 
 
 def _from_dict(cls, section: str, values: dict[str, Any] | None, ignored: set[str] = frozenset()):
     """Build a typed section from its hub dict: unknown keys fail, naming the closest known key."""
     values = dict(values or {})
-    known = {f.name for f in dataclasses.fields(cls)}
+    types = _declared_types(cls)
     for key in list(values):
         if key in ignored:
             values.pop(key)
-        elif key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
+        elif key not in types:
+            close = difflib.get_close_matches(key, types, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            _fail(f"{section}.{key}", f"unknown key{hint}; known keys: {sorted(known)}")
+            _fail(f"{section}.{key}", f"unknown key{hint}; known keys: {sorted(types)}")
+        else:
+            values[key] = _as_declared_type(values[key], types[key])
     return cls(**values)
 
 
@@ -64,10 +150,11 @@ def _from_dict(cls, section: str, values: dict[str, Any] | None, ignored: set[st
 class AttnConfig:
     attn_type: str = "multihead_attention"
     attn_impl: str = "torch"
-    attn_pdrop: float = 0  # the hub writes 0; transformers 5 type-checks it as an int
+    # `int | float`: transformers types these as int (the hub writes 0 and 8); a fraction is kept.
+    attn_pdrop: int | float = 0
     softmax_scale: float | None = None
     alibi: bool = False
-    alibi_bias_max: float = 8.0
+    alibi_bias_max: int | float = DEFAULT_ALIBI_BIAS_MAX
     clip_qkv: float | None = None
     qk_ln: bool = False
     prefix_lm: bool = False
@@ -111,7 +198,7 @@ class MPTConfig(PretrainedConfig):
         d_model: int = 2048,
         n_heads: int = 16,
         n_layers: int = 24,
-        expansion_ratio: float = 4,
+        expansion_ratio: int | float = DEFAULT_EXPANSION_RATIO,  # transformers types it as int; a fraction is kept
         max_seq_len: int = 2048,
         vocab_size: int = 50432,
         resid_pdrop: float = 0.0,
@@ -146,6 +233,9 @@ class MPTConfig(PretrainedConfig):
         self.norm_type = norm_type
         self.layer_norm_epsilon = layer_norm_epsilon
         self.use_cache = use_cache
+        for name, hint in _declared_types(MPTConfig.__init__).items():
+            if name in self.__dict__:  # the plain fields just set (not the sections, nor super()'s)
+                setattr(self, name, _as_declared_type(getattr(self, name), hint))
         # Older hub configs spell the attention dict without the newer keys: fill in defaults, then
         # store the complete dicts so that what is saved is what was validated.
         attn = _from_dict(AttnConfig, "attn_config", attn_config, _IGNORED_ATTN_KEYS | _generic_config_keys())
@@ -268,9 +358,4 @@ class MPTConfig(PretrainedConfig):
         """
         from .presets import preset_fields
 
-        fields = preset_fields(name)
-        for section in ("attn_config", "init_config", "ffn_config"):
-            if section in overrides:
-                fields[section] = {**fields.get(section, {}), **overrides.pop(section)}
-        fields.update(overrides)
-        return cls(**fields)
+        return cls(**merge_config_fields(preset_fields(name), overrides))

@@ -19,9 +19,9 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from .alibi import alibi_slopes
+from .alibi import DEFAULT_ALIBI_BIAS_MAX, alibi_slopes
 from .attention import MaskSpec, attend
-from .configuration_mpt import MPTConfig
+from .configuration_mpt import DEFAULT_EXPANSION_RATIO, MPTConfig
 
 # transformers 5.x renamed the KV cache `past_key_values` -> `cache` in inputs and outputs.
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -482,10 +482,11 @@ def transformers_mpt_ignores(config: MPTConfig) -> list[str]:
     checks = [
         (config.kv_n_heads != config.n_heads, f"grouped/multi-query attention (kv_n_heads={config.kv_n_heads})"),
         (attn.qk_ln, "qk_ln"),
-        (attn.alibi and attn.alibi_bias_max != 8, f"alibi_bias_max={attn.alibi_bias_max}"),
+        (attn.alibi and attn.alibi_bias_max != DEFAULT_ALIBI_BIAS_MAX, f"alibi_bias_max={attn.alibi_bias_max}"),
         (not attn.alibi, "ALiBi being off (rope or learned positions)"),
         (config.logit_scale is not None, f"logit_scale={config.logit_scale}"),
-        (config.expansion_ratio != 4 or config.ffn.ffn_hidden_size, "an FFN width other than 4*d_model"),
+        (config.expansion_ratio != DEFAULT_EXPANSION_RATIO or config.ffn.ffn_hidden_size,
+         f"an FFN width other than {DEFAULT_EXPANSION_RATIO}*d_model"),
         (config.ffn.ffn_type != "mptmlp", f"ffn_type={config.ffn.ffn_type}"),
         (not config.no_bias, "biases (no_bias=false)"),
         ("rmsnorm" in config.norm_type, f"norm_type={config.norm_type}"),

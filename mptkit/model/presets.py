@@ -8,42 +8,18 @@ from __future__ import annotations
 
 import copy
 
-# Shared by every published MPT (hub config.json of mosaicml/mpt-7b*).
-_HUB_ATTN = {
-    "attn_type": "multihead_attention",
-    "attn_impl": "torch",
-    "attn_pdrop": 0,
-    "alibi": True,
-    "alibi_bias_max": 8,
-    "clip_qkv": None,
-    "qk_ln": False,
-    "prefix_lm": False,
-    "attn_uses_sequence_id": False,
-    "softmax_scale": None,
-}
-_HUB_COMMON = {
-    "expansion_ratio": 4,
-    "vocab_size": 50432,
-    "no_bias": True,
-    "norm_type": "low_precision_layernorm",
-    "learned_pos_emb": True,
-    "emb_pdrop": 0.0,
-    "resid_pdrop": 0.0,
-    "embedding_fraction": 1.0,
-    "logit_scale": None,
-    "attn_config": _HUB_ATTN,
-}
+from .configuration_mpt import merge_config_fields
+
+# Every published MPT (hub config.json of mosaicml/mpt-7b*, mpt-30b) differs from MPTConfig's defaults
+# (llm-foundry's) only in its shape and in ALiBi being on: its expansion_ratio 4, vocab_size 50432,
+# low_precision_layernorm without biases, alibi_bias_max 8, attn_pdrop 0, no clip_qkv, qk_ln or
+# prefix_lm, and its init_config are those defaults, so they are written only there.
+_HUB_COMMON = {"attn_config": {"alibi": True}}
 
 
-def _shape(d_model: int, n_heads: int, n_layers: int, max_seq_len: int = 2048, **extra) -> dict:
-    fields = copy.deepcopy(_HUB_COMMON)
-    fields.update(d_model=d_model, n_heads=n_heads, n_layers=n_layers, max_seq_len=max_seq_len)
-    for key, value in extra.items():
-        if key == "attn_config":
-            fields["attn_config"] = {**fields["attn_config"], **value}
-        else:
-            fields[key] = value
-    return fields
+def _shape(d_model: int, n_heads: int, n_layers: int, **extra) -> dict:
+    """A hub-style preset of this shape; `extra` fields (max_seq_len, attn_config, ...) merged over it."""
+    return merge_config_fields(_HUB_COMMON, dict(d_model=d_model, n_heads=n_heads, n_layers=n_layers, **extra))
 
 
 PRESETS: dict[str, dict] = {
@@ -52,15 +28,15 @@ PRESETS: dict[str, dict] = {
     "mpt-7b-instruct": _shape(4096, 32, 32),
     "mpt-7b-chat": _shape(4096, 32, 32),
     # hub: mosaicml/mpt-7b-storywriter (fine-tuned at 65k context, clip_qkv 6, alibi_bias_max 16)
-    "mpt-7b-storywriter": _shape(4096, 32, 32, 65536, attn_config={"alibi_bias_max": 16, "clip_qkv": 6}),
+    "mpt-7b-storywriter": _shape(4096, 32, 32, max_seq_len=65536, attn_config={"alibi_bias_max": 16, "clip_qkv": 6}),
     # hub: mosaicml/mpt-30b
-    "mpt-30b": _shape(7168, 64, 48, 8192),
+    "mpt-30b": _shape(7168, 64, 48, max_seq_len=8192),
     # llm-foundry scripts/train/yamls/pretrain/mpt-{125m,350m,1b}.yaml shapes
     "mpt-125m": _shape(768, 12, 12),
     "mpt-350m": _shape(1024, 16, 24),
     "mpt-1b": _shape(2048, 16, 24),
     # for tests and the demo: the real vocabulary, a toy body
-    "tiny": _shape(64, 4, 2, 256),
+    "tiny": _shape(64, 4, 2, max_seq_len=256),
 }
 
 
