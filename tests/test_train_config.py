@@ -101,3 +101,70 @@ def test_dotted_overrides_apply_and_are_checked(tmp_path):
         load_config(path, ["train.max_stpes=3"])
     with pytest.raises(ConfigError, match=r"expected key=value"):
         load_config(path, ["train.max_steps"])
+
+
+def test_model_and_run_config_errors_are_one_family_with_the_field_as_an_attribute(tmp_path):
+    from mptkit.model import ConfigError as ModelConfigError
+    from mptkit.model import MPTConfig
+
+    assert issubclass(ConfigError, ModelConfigError)
+    path = _write(tmp_path, BASE + "model:\n  attn_config:\n    alibi_bias_max: -1\n")
+    with pytest.raises(ModelConfigError) as info:
+        load_config(path)
+    error = info.value
+    assert (error.where, error.field, error.message) == (f"{path}:5", "model.attn_config.alibi_bias_max",
+                                                         "expected > 0, got -1")
+    assert str(error) == f"{path}:5: model.attn_config.alibi_bias_max: expected > 0, got -1"
+    with pytest.raises(ConfigError, match=r"^MPTConfig\.n_layers: "):  # the model's errors, caught by the run's name
+        MPTConfig.from_preset("tiny", n_layers=0)
+
+
+def test_mptkit_train_prints_one_line_for_run_and_model_config_errors(tmp_path, capsys):
+    from mptkit.model import MPTConfig
+    from mptkit.train.commands import main
+
+    path = _write(tmp_path, BASE + "model:\n  attn_config:\n    alibi_bias_max: -1\n")
+    assert main("train", [str(path)]) == 2
+    assert capsys.readouterr().err == f"mptkit train: {path}:5: model.attn_config.alibi_bias_max: expected > 0, got -1\n"
+    # An init_from model's fields are checked when the run reads them: the same one line, no traceback.
+    MPTConfig.from_preset("tiny").save_pretrained(tmp_path / "hf")
+    overrides = [f"model.init_from={tmp_path / 'hf'}", "model.attn_config.clip_qkv=-2", f"output_dir={tmp_path / 'out'}",
+                 "train.device=cpu"]
+    assert main("train", [str(_write(tmp_path, BASE)), *overrides]) == 2
+    assert capsys.readouterr().err == "mptkit train: MPTConfig.attn_config.clip_qkv: expected null or > 0, got -2.0\n"
+
+
+def test_the_yaml_engine_reads_any_dataclasses_and_takes_custom_readers(tmp_path):
+    from dataclasses import dataclass, field
+
+    from mptkit.train import typed_yaml
+
+    @dataclass
+    class Span:
+        low: int = 0
+        high: int = 0
+
+    @dataclass
+    class Section:
+        span: Span = field(default_factory=Span)
+        ratio: float = 1.0
+
+    @dataclass
+    class Top:
+        section: Section = field(default_factory=Section)
+        names: list[str] = field(default_factory=list)
+
+    def read_span(value, key, reader):  # "3-7" -> Span(3, 7)
+        low, sep, high = str(value).partition("-")
+        if not (sep and low.isdigit() and high.isdigit()):
+            reader.fail(key, f"expected LOW-HIGH, got {value!r}")
+        return Span(int(low), int(high))
+
+    path = _write(tmp_path, "section:\n  span: 3-7\n  ratio: 2\nnames: a\n")
+    config, _ = typed_yaml.load(Top, path, readers={Span: read_span})
+    assert config == Top(section=Section(span=Span(3, 7), ratio=2.0), names=["a"])
+    with pytest.raises(ConfigError) as info:
+        typed_yaml.load(Top, path, ["section.span=9"], readers={Span: read_span})
+    assert str(info.value) == "override 'section.span=9': section.span: expected LOW-HIGH, got 9"
+    with pytest.raises(ConfigError, match=r"run.yaml:2: section.ratoi: unknown key \(did you mean 'ratio'\?\)"):
+        typed_yaml.load(Top, _write(tmp_path, "section:\n  ratoi: 2\n"), readers={Span: read_span})

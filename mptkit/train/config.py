@@ -12,21 +12,18 @@ checkpoint) plus any `MPTConfig` field as an override, e.g. `model.max_seq_len=4
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import inspect
-import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import yaml
+# The one ConfigError family: the model's error class, raised here too (with the file:line in `where`).
+from mptkit.model.configuration_mpt import ConfigError
 
+from . import typed_yaml
 
-class ConfigError(ValueError):
-    """An invalid training config; the message says where and what was expected."""
-
+if TYPE_CHECKING:
+    from mptkit.model import MPTConfig
 
 # ---- sections -----------------------------------------------------------------------------------
 
@@ -40,6 +37,12 @@ class ModelConfig:
     init_from: str | None = None
     # Every other key of the section: MPTConfig fields applied on top (validated by MPTConfig).
     overrides: dict[str, Any] = field(default_factory=dict)
+
+    def preset_config(self) -> MPTConfig:
+        """The MPTConfig of `preset` with the overrides merged (the run's model when init_from is unset)."""
+        from mptkit.model import MPTConfig
+
+        return MPTConfig.from_preset(self.preset, **self.overrides)
 
 
 @dataclass
@@ -192,95 +195,10 @@ class RunConfig:
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     """Read a YAML file (or start from defaults) and apply `a.b.c=value` overrides."""
-    raw: dict[str, Any] = {}
-    origins = _Origins()
-    if path is not None:
-        path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
-        try:
-            raw = yaml.safe_load(text) or {}
-            origins.index_yaml(path, yaml.compose(text))
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r}: expected key=value, e.g. optimizer.lr=3e-4")
-        try:
-            value = yaml.safe_load(text) if text else ""
-        except yaml.YAMLError:
-            value = text
-        _set_dotted(raw, key.split("."), value, item)
-        origins.add_override(key, item)
-    config = _build(RunConfig, raw, "", origins)
+    config, origins = typed_yaml.load(RunConfig, path, overrides, readers={ModelConfig: _read_model_section},
+                                      override_example="optimizer.lr=3e-4")
     _check_relations(config, origins)
     return config
-
-
-def _set_dotted(tree: dict, keys: list[str], value: Any, item: str) -> None:
-    for depth, key in enumerate(keys[:-1]):
-        child = tree.setdefault(key, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {item!r}: {'.'.join(keys[: depth + 1])} is not a section")
-        tree = child
-    tree[keys[-1]] = value
-
-
-class _Origins:
-    """Where each dotted key came from (file:line or the command line), for error messages."""
-
-    def __init__(self):
-        self._where: dict[str, str] = {}
-        self._source = "config"
-
-    def index_yaml(self, path: Path, node: yaml.Node | None, prefix: str = "") -> None:
-        self._source = str(path)
-        if isinstance(node, yaml.MappingNode):
-            for key_node, value_node in node.value:
-                key = f"{prefix}{key_node.value}"
-                self._where[key] = f"{path}:{key_node.start_mark.line + 1}"
-                self.index_yaml(path, value_node, key + ".")
-
-    def add_override(self, key: str, item: str) -> None:
-        self._where[key] = f"override {item!r}"
-
-    def where(self, key: str) -> str:
-        while key:
-            if key in self._where:
-                return self._where[key]
-            key = key.rpartition(".")[0]
-        return self._source
-
-    def fail(self, key: str, message: str) -> typing.NoReturn:
-        raise ConfigError(f"{self.where(key)}: {key}: {message}")
-
-
-def _suggest(name: str, choices) -> str:
-    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _build(cls, values: Any, prefix: str, origins: _Origins):
-    if values is None:
-        values = {}
-    if not isinstance(values, dict):
-        origins.fail(prefix.rstrip(".") or "(top level)", f"expected a mapping, got {values!r}")
-    if cls is ModelConfig:
-        return _build_model(values, prefix, origins)
-    hints = typing.get_type_hints(cls)
-    known = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in values.items():
-        path = f"{prefix}{key}"
-        if key not in hints:
-            origins.fail(path, f"unknown key{_suggest(key, known)}; known keys: {', '.join(known)}")
-        kwargs[key] = _coerce(value, hints[key], path, origins)
-    return cls(**kwargs)
 
 
 def _model_config_fields() -> list[str]:
@@ -290,107 +208,34 @@ def _model_config_fields() -> list[str]:
     return [name for name, p in params.items() if name != "self" and p.kind is p.POSITIONAL_OR_KEYWORD]
 
 
-def _build_model(values: dict, prefix: str, origins: _Origins) -> ModelConfig:
-    fields = _model_config_fields()
-    preset = values.get("preset", ModelConfig.preset)
-    init_from = values.get("init_from")
-    for key, value in (("preset", preset), ("init_from", init_from)):
-        if value is not None and not isinstance(value, str):
-            origins.fail(f"{prefix}{key}", f"expected a string or null, got {value!r}")
+def _read_model_section(value: Any, key: str, reader: typed_yaml.Reader) -> ModelConfig:
+    """The `model:` section: preset or init_from, plus MPTConfig fields checked by building the MPTConfig."""
+    values = reader.mapping(value, key)
+    preset = reader.coerce(values.get("preset", ModelConfig.preset), str | None, typed_yaml.join(key, "preset"))
+    init_from = reader.coerce(values.get("init_from"), str | None, typed_yaml.join(key, "init_from"))
     if preset is None and init_from is None:
-        origins.fail(f"{prefix}preset", "set a preset or init_from")
-    if preset is not None and init_from is None:
+        reader.fail(typed_yaml.join(key, "preset"), "set a preset or init_from")
+    if init_from is None:
         from mptkit.model.presets import PRESETS
 
         if preset not in PRESETS:
-            origins.fail(f"{prefix}preset", f"unknown preset {preset!r}{_suggest(preset, PRESETS)}; "
-                         f"choose one of {', '.join(PRESETS)}")
+            reader.fail(typed_yaml.join(key, "preset"), f"unknown preset {preset!r}"
+                        f"{typed_yaml.suggest(preset, PRESETS)}; choose one of {', '.join(PRESETS)}")
     overrides = {k: v for k, v in values.items() if k not in ("preset", "init_from")}
-    for key in overrides:
-        if key not in fields:
-            origins.fail(f"{prefix}{key}", f"not an MPTConfig field{_suggest(key, fields)}; "
-                         f"known: preset, init_from, {', '.join(fields)}")
-    if init_from is None:
-        # Building the config here validates the field values (MPTConfig checks them itself).
-        from mptkit.model import MPTConfig
-
+    fields = _model_config_fields()
+    for name in overrides:
+        if name not in fields:
+            reader.fail(typed_yaml.join(key, name), f"not an MPTConfig field{typed_yaml.suggest(name, fields)}; "
+                        f"known: preset, init_from, {', '.join(fields)}")
+    section = ModelConfig(preset=preset, init_from=init_from, overrides=overrides)
+    if init_from is None:  # an init_from model's fields are known only when the run reads it
         try:
-            MPTConfig.from_preset(preset, **_copy(overrides))
-        except (ValueError, TypeError) as exc:
-            # MPTConfig names the field as "MPTConfig.attn_config.alibi_bias_max: ..."
-            named = re.match(r"MPTConfig\.([\w.]+): (.*)", str(exc), re.S)
-            key, message = named.groups() if named else ("", str(exc))
-            origins.fail(f"{prefix}{key}".rstrip("."), message)
-    return ModelConfig(preset=preset, init_from=init_from, overrides=overrides)
-
-
-def _copy(value):
-    return {k: _copy(v) for k, v in value.items()} if isinstance(value, dict) else value
-
-
-def _type_name(tp) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(c) for c in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
-    if origin in (list, tuple, dict):
-        return {list: "a list", tuple: "a list", dict: "a mapping"}[origin]
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
-
-
-def _coerce(value: Any, tp, path: str, origins: _Origins):
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, path + ".", origins)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, path, origins)
-            except ConfigError:
-                pass
-        origins.fail(path, f"expected {_type_name(tp)}, got {value!r}")
-    if origin is Literal:
-        if value in args:
-            return value
-        origins.fail(path, f"expected one of {', '.join(map(repr, args))}, got {value!r}{_suggest(value, args)}")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        # PyYAML reads `6e-4` (no dot) as a string; accept what float() accepts.
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    elif origin is list:
-        items = [value] if isinstance(value, str) else value
-        if isinstance(items, list):
-            return [_coerce(v, args[0], f"{path}[{i}]", origins) for i, v in enumerate(items)]
-    elif origin is tuple:
-        if isinstance(value, (list, tuple)) and len(value) == len(args):
-            return tuple(_coerce(v, a, f"{path}[{i}]", origins) for i, (v, a) in enumerate(zip(value, args)))
-        origins.fail(path, f"expected a list of {len(args)} values, got {value!r}")
-    elif origin is dict:
-        if isinstance(value, dict):
-            return value
-    origins.fail(path, f"expected {_type_name(tp)}, got {value!r}")
+            section.preset_config()
+        except ConfigError as exc:
+            reader.fail(typed_yaml.join(key, exc.field), exc.message)
+        except (ValueError, TypeError) as exc:  # a value of a type MPTConfig's checks cannot compare
+            reader.fail(key, str(exc))
+    return section
 
 
 def _check_relations(config: RunConfig, origins: _Origins) -> None:
