@@ -12,7 +12,17 @@ from mptkit.model import MPTConfig, MPTForCausalLM
 from mptkit.train.checkpoint import latest_checkpoint, list_checkpoints, load_model_weights
 from mptkit.train.config import load_config
 from mptkit.export.hf import export_hf
-from mptkit.train.loop import LossWatch, TrainingHalted, cross_entropy_sum, target_count, train
+from mptkit.train.loop import (
+    AnomalyPolicy,
+    LossWatch,
+    StepStats,
+    TrainingHalted,
+    build_training_state,
+    cross_entropy_sum,
+    target_count,
+    train,
+    train_step,
+)
 
 from .train_support import INSTRUCT_YAML, PRETRAIN_YAML, pretrain_overrides
 
@@ -149,3 +159,33 @@ def test_a_diverging_run_stops_with_a_clear_message_and_keeps_the_last_good_chec
         train(load_config(PRETRAIN_YAML, overrides))
     rows = [json.loads(line) for line in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "skipped" in r] == [2, 3]
+
+
+def test_the_training_step_runs_on_its_own_and_is_the_loops_own_step(tmp_path):
+    """build_training_state + train_step (what a caller times) are the loop's parts: the same first loss bits."""
+    settings = {"train.precision": "fp32", "schedule.warmup_steps": 1}
+    first = train(load_config(PRETRAIN_YAML, pretrain_overrides(tmp_path / "loop", steps=1, **settings))).losses[1]
+    state = build_training_state(load_config(PRETRAIN_YAML, pretrain_overrides(tmp_path / "step", steps=1, **settings)))
+    stats = train_step(state)
+    assert isinstance(stats, StepStats) and stats.step == state.step == 1 and stats.problem is None
+    assert stats.loss == first
+    assert stats.tokens == stats.tokens_seen == state.tokens_seen == 4 * 64
+    assert stats.elapsed > 0 and stats.flops > 0 and stats.tokens_per_s == stats.tokens / stats.elapsed
+    assert not (tmp_path / "step" / "checkpoints").exists()  # stepping saves nothing by itself
+
+
+def test_anomaly_policy_skips_bad_steps_and_stops_after_too_many_in_a_row():
+    from mptkit.train.config import AnomalyConfig
+
+    def stats(step, problem=None):
+        return StepStats(step=step, loss=1.0, grad_norm=1.0, lr=1e-3, tokens=1, tokens_seen=step, flops=1,
+                         elapsed=1.0, problem=problem)
+
+    policy = AnomalyPolicy(AnomalyConfig(policy="skip", max_consecutive_skips=2))
+    verdicts = [policy.review(stats(step, None if step in (1, 4) else "loss is nan")) for step in range(1, 8)]
+    assert verdicts == ["go", "skip", "skip", "go", "skip", "skip", "stop"]
+    assert policy.skip_message(stats(6, "loss is nan")) == "[mptkit train] step 6: loss is nan; update skipped (3 in a row)"
+    assert str(policy.halt(stats(7, "loss is nan"), None)) == (
+        "step 7: loss is nan; stopping (anomaly.policy=skip, 3 bad step(s) in a row). Nothing was saved after the bad "
+        "step: no checkpoint was saved yet. Resume from it with a lower optimizer.lr or with anomaly.policy=skip.")
+    assert AnomalyPolicy(AnomalyConfig(policy="stop")).review(stats(1, "loss is inf")) == "stop"

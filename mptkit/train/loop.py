@@ -1,4 +1,18 @@
-"""The training loop: one function, `train(config)`, for pretraining and fine-tuning alike.
+"""The training loop, pretraining and fine-tuning alike, in named parts.
+
+`train(config)` runs a whole run. Its parts:
+- `build_training_state(config, env=None) -> TrainingState`: seeds, data, the model (meta device,
+  parallelized, initialised or loaded), optimizer, schedule, and resumption from a checkpoint.
+- `train_step(state) -> StepStats`: one optimizer step (loss, grad_norm, lr, tokens, flops, elapsed
+  seconds, and the problem when the update was skipped); it advances `state.step`.
+- `AnomalyPolicy`: what a bad step (NaN/Inf or a spike, judged by `LossWatch`) does: skip or stop.
+- `TrainingLog`: what the user sees (banner, metrics rows, progress bar, loss curve).
+
+Another caller can time real training steps with the same code (one process; the state resumes from
+`checkpoint.dir` as `train` would, so point it at a fresh directory):
+
+    state = build_training_state(config)
+    seconds = [train_step(state).elapsed for _ in range(3)][1:]   # after a warm-up step
 
 Per optimizer step every rank takes its share of the global batch as micro-batches, sums the
 token cross-entropy, divides by the number of target tokens in the whole global batch (so the
@@ -14,6 +28,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -22,6 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mptkit.model import MPTConfig, MPTForCausalLM
+from mptkit.model.configuration_mpt import merge_config_fields
 
 from .checkpoint import (
     Checkpointer,
@@ -33,7 +49,7 @@ from .checkpoint import (
     model_config_dict,
     resolve_checkpoint,
 )
-from .config import ConfigError, RunConfig
+from .config import AnomalyConfig, ConfigError, RunConfig
 from .data import build_train_stream, build_val_source
 from .metrics import MetricsLogger, flops_per_token, peak_tflops, plot_loss_curve
 from .optim import build_optimizer, build_scheduler, hyperparameters, reapply_hyperparameters
@@ -67,7 +83,7 @@ def resolve_model_config(config: RunConfig) -> MPTConfig:
     """The MPTConfig of the run: a preset or the `init_from` model's, with the overrides merged."""
     section = config.model
     if section.init_from is None:
-        return MPTConfig.from_preset(section.preset, **json.loads(json.dumps(section.overrides)))
+        return section.preset_config()
     source = Path(section.init_from)
     if (checkpoint := init_checkpoint(config)) is not None:
         fields = model_config_dict(checkpoint)
@@ -76,12 +92,7 @@ def resolve_model_config(config: RunConfig) -> MPTConfig:
     else:
         raise ConfigError(f"model.init_from: {source} is neither an HF-format model directory (config.json) "
                           "nor a training checkpoint (.metadata) or a directory of them")
-    for key, value in section.overrides.items():
-        if isinstance(value, dict) and isinstance(fields.get(key), dict):
-            fields[key] = {**fields[key], **value}
-        else:
-            fields[key] = value
-    return MPTConfig(**fields)
+    return MPTConfig(**merge_config_fields(fields, section.overrides))
 
 
 def _initial_state(config: RunConfig, model_config: MPTConfig) -> dict[str, torch.Tensor]:
@@ -170,15 +181,31 @@ class LossWatch:
         self.recent.append(loss)
 
 
-# ---- the loop -----------------------------------------------------------------------------------
+# ---- setup --------------------------------------------------------------------------------------
 
 
-def train(config: RunConfig) -> TrainResult:
-    env = setup_distributed(config.train, config.parallel)
-    try:
-        return run(config, env)
-    finally:
-        teardown_distributed()
+@dataclass
+class TrainingState:
+    """Everything a run advances step by step: built by `build_training_state`, stepped by `train_step`."""
+
+    config: RunConfig
+    env: DistributedEnv
+    model_config: MPTConfig
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    train_stream: Any
+    val_source: Any  # None without validation data
+    checkpointer: Checkpointer
+    watch: LossWatch
+    autocast: Any
+    accumulation: int  # micro-batches per rank and optimizer step
+    seq_len: int
+    n_params: int  # global sizes, also for sharded DTensors
+    resumed_from: Path | None = None
+    step: int = 0
+    tokens_seen: int = 0
+    last_saved: Path | None = None  # the newest checkpoint of this run (or the one it resumed from)
 
 
 def _resume_path(config: RunConfig) -> Path | None:
@@ -193,20 +220,32 @@ def _resume_path(config: RunConfig) -> Path | None:
     return resolve_checkpoint(resume)
 
 
-def run(config: RunConfig, env: DistributedEnv) -> TrainResult:
+def _accumulation_steps(config: RunConfig, env: DistributedEnv) -> int:
     train_cfg = config.train
-    per_step_rank = train_cfg.global_batch_size // env.world_size
     if train_cfg.global_batch_size % (train_cfg.micro_batch_size * env.world_size):
         raise ConfigError(f"train.global_batch_size={train_cfg.global_batch_size} is not a multiple of "
                           f"train.micro_batch_size={train_cfg.micro_batch_size} x world size {env.world_size}")
-    accumulation = per_step_rank // train_cfg.micro_batch_size
-    # Per-rank streams (dropout differs across ranks); the initial weights reseed with `seed` itself.
-    random.seed(config.seed + env.rank)
-    np.random.seed(config.seed + env.rank)
-    torch.manual_seed(config.seed + env.rank)
+    return train_cfg.global_batch_size // env.world_size // train_cfg.micro_batch_size
 
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_training_state(config: RunConfig, env: DistributedEnv | None = None) -> TrainingState:
+    """Set up a run: seeds, data, model, optimizer, schedule, and the checkpoint it resumes from.
+
+    `env` defaults to `setup_distributed(config.train, config.parallel)` (one process unless
+    launched by torchrun).
+    """
+    env = env or setup_distributed(config.train, config.parallel)
+    accumulation = _accumulation_steps(config, env)
+    # Per-rank streams (dropout differs across ranks); the initial weights reseed with `seed` itself.
+    _seed(config.seed + env.rank)
     model_config = resolve_model_config(config)
-    seq_len = train_cfg.seq_len or model_config.max_seq_len
+    seq_len = config.train.seq_len or model_config.max_seq_len
     if seq_len > model_config.max_seq_len:
         raise ConfigError(f"train.seq_len={seq_len} exceeds model.max_seq_len={model_config.max_seq_len}")
     train_stream = build_train_stream(config, seq_len, env)
@@ -217,121 +256,233 @@ def run(config: RunConfig, env: DistributedEnv) -> TrainResult:
     resume_from = _resume_path(config)
     model = build_model(config, model_config, env, initialize=resume_from is None)
     optimizer = build_optimizer(model, config.optimizer)
-    scheduler = build_scheduler(optimizer, config.schedule, train_cfg.max_steps)
-    step, tokens_seen, history = 0, 0, []
+    scheduler = build_scheduler(optimizer, config.schedule, config.train.max_steps)
+    trainer = {"step": 0, "tokens_seen": 0, "recent_losses": []}
     if resume_from is not None:
         configured = hyperparameters(optimizer)
-        trainer_state, data_state = checkpointer.load(resume_from, model, optimizer, scheduler)
+        trainer, data_state = checkpointer.load(resume_from, model, optimizer, scheduler)
         reapply_hyperparameters(optimizer, scheduler, configured)
-        step, tokens_seen, history = trainer_state["step"], trainer_state["tokens_seen"], trainer_state["recent_losses"]
         train_stream.load_state_dict(data_state)
-    watch = LossWatch(config.anomaly.spike_factor, config.anomaly.spike_min_steps, history)
+    return TrainingState(
+        config=config, env=env, model_config=model_config, model=model, optimizer=optimizer, scheduler=scheduler,
+        train_stream=train_stream, val_source=val_source, checkpointer=checkpointer,
+        watch=LossWatch(config.anomaly.spike_factor, config.anomaly.spike_min_steps, trainer["recent_losses"]),
+        autocast=torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=config.train.precision == "bf16"),
+        accumulation=accumulation, seq_len=seq_len, n_params=sum(p.numel() for p in model.parameters()),
+        resumed_from=resume_from, step=trainer["step"], tokens_seen=trainer["tokens_seen"], last_saved=resume_from,
+    )
 
-    n_params = sum(p.numel() for p in model.parameters())  # global sizes, also for sharded DTensors
-    peak, peak_source = (peak_tflops(train_cfg.precision, env.device, config.logging.peak_tflops)
-                         if env.is_main else (float("nan"), ""))
-    output_dir = Path(config.output_dir)
-    run_dict = config.to_dict()
-    logger = MetricsLogger(config.logging, output_dir, config.name, run_dict, enabled=env.is_main,
-                           fresh=resume_from is None)
-    if env.is_main:
-        if resume_from is not None:
-            start = f"resuming from {resume_from} at step {step}"
+
+def save_checkpoint(state: TrainingState) -> Path:
+    """Checkpoint the whole state at its step; it becomes `state.last_saved`."""
+    trainer = {"step": state.step, "tokens_seen": state.tokens_seen, "recent_losses": list(state.watch.recent)}
+    state.last_saved = state.checkpointer.save(
+        state.step, state.model, state.optimizer, state.scheduler, trainer, state.train_stream.state_dict(),
+        state.model_config.to_json_string(), state.config.to_dict())
+    return state.last_saved
+
+
+# ---- one optimizer step -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What one optimizer step did."""
+
+    step: int  # the step just completed, counted from 1
+    loss: float  # token-mean training loss over the global batch
+    grad_norm: float  # total gradient norm before clipping
+    lr: float  # the learning rate of this step's update
+    tokens: int  # tokens processed, all ranks together
+    tokens_seen: int  # tokens of the run so far, this step included
+    flops: int  # model FLOPs of this rank (MFU compares them with one device's peak)
+    elapsed: float  # wall-clock seconds
+    problem: str | None  # why the update was skipped (LossWatch), None when it was applied
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.elapsed
+
+    def mfu(self, peak_tflops: float) -> float:
+        return self.flops / self.elapsed / (peak_tflops * 1e12)
+
+
+def _accumulate_gradients(state: TrainingState, micro_batches: list[dict]) -> tuple[float, int, int]:
+    """Backpropagate every micro-batch; return (global token-mean loss, tokens of all ranks, this rank's FLOPs)."""
+    env, model_config = state.env, state.model_config
+    targets = all_reduce_sum(
+        torch.stack([target_count(b["labels"]) for b in micro_batches]).sum().to(torch.float64), env
+    )
+    loss_sum = torch.zeros((), device=env.device, dtype=torch.float64)
+    flops, tokens = 0, 0
+    for index, batch in enumerate(micro_batches):
+        if env.is_distributed:
+            # Reduce-scatter gradients once per step, on the last micro-batch.
+            state.model.set_requires_gradient_sync(index == state.accumulation - 1)
+        # FSDP averages gradients over ranks; the world-size factor turns that into a sum.
+        loss_sum += forward_backward(state.model, batch, state.autocast, env.world_size / targets.float())
+        rows, length = batch["input_ids"].shape
+        tokens += rows * length
+        flops += rows * length * flops_per_token(state.n_params, model_config.n_layers, model_config.d_model, length)
+    loss = (all_reduce_sum(loss_sum, env) / targets).item()
+    return loss, tokens * env.world_size, flops
+
+
+def train_step(state: TrainingState) -> StepStats:
+    """One optimizer step over the global batch: gradients, clipping, the update (skipped when the
+    loss watch finds a problem; the policy then decides whether the run goes on) and the schedule."""
+    started = time.perf_counter()
+    micro_batches = [
+        {k: v.to(state.env.device, non_blocking=True) for k, v in state.train_stream.next_batch().items()}
+        for _ in range(state.accumulation)
+    ]
+    loss, tokens, flops = _accumulate_gradients(state, micro_batches)
+    grad_norm = _clip_gradients(state.model, state.config.train.grad_clip_norm)
+    problem = state.watch.problem(loss, grad_norm)
+    if problem is None:
+        state.optimizer.step()
+        state.watch.accept(loss)
+    state.optimizer.zero_grad(set_to_none=True)
+    lr = state.optimizer.param_groups[0]["lr"]
+    state.scheduler.step()
+    state.step += 1
+    state.tokens_seen += tokens
+    return StepStats(step=state.step, loss=loss, grad_norm=grad_norm, lr=lr, tokens=tokens,
+                     tokens_seen=state.tokens_seen, flops=flops, elapsed=time.perf_counter() - started,
+                     problem=problem)
+
+
+# ---- the anomaly policy -------------------------------------------------------------------------
+
+
+class AnomalyPolicy:
+    """What a bad step does (anomaly.policy): stop the run, or go on with its update skipped, until
+    more than anomaly.max_consecutive_skips bad steps come in a row."""
+
+    def __init__(self, config: AnomalyConfig):
+        self.config = config
+        self.bad_in_row = 0
+
+    def review(self, stats: StepStats) -> Literal["go", "skip", "stop"]:
+        if stats.problem is None:
+            self.bad_in_row = 0
+            return "go"
+        self.bad_in_row += 1
+        if self.config.policy == "stop" or self.bad_in_row > self.config.max_consecutive_skips:
+            return "stop"
+        return "skip"
+
+    def skip_message(self, stats: StepStats) -> str:
+        return f"[mptkit train] step {stats.step}: {stats.problem}; update skipped ({self.bad_in_row} in a row)"
+
+    def halt(self, stats: StepStats, last_saved: Path | None) -> TrainingHalted:
+        where = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was saved yet"
+        return TrainingHalted(
+            f"step {stats.step}: {stats.problem}; stopping (anomaly.policy={self.config.policy}, "
+            f"{self.bad_in_row} bad step(s) in a row). Nothing was saved after the bad step: {where}. "
+            "Resume from it with a lower optimizer.lr or with anomaly.policy=skip."
+        )
+
+
+# ---- logging ------------------------------------------------------------------------------------
+
+
+class TrainingLog:
+    """What the user sees of a run: the banner, metrics rows (JSONL, TensorBoard, W&B), the progress
+    bar and, at the end (also after a halt: it shows how the loss went bad), the loss curve."""
+
+    def __init__(self, state: TrainingState):
+        config, env = state.config, state.env
+        self.config, self.state = config, state
+        self.peak, self.peak_source = (peak_tflops(config.train.precision, env.device, config.logging.peak_tflops)
+                                       if env.is_main else (float("nan"), ""))
+        self.metrics = MetricsLogger(config.logging, Path(config.output_dir), config.name, config.to_dict(),
+                                     enabled=env.is_main, fresh=state.resumed_from is None)
+        if env.is_main:
+            tqdm.write(self._banner())
+        self.bar = tqdm(total=config.train.max_steps, initial=state.step, desc=config.name, dynamic_ncols=True,
+                        disable=not (env.is_main and config.logging.progress_bar))
+
+    def _banner(self) -> str:
+        state, config, train_cfg = self.state, self.config, self.config.train
+        if state.resumed_from is not None:
+            start = f"resuming from {state.resumed_from} at step {state.step}"
         elif config.model.init_from is not None:
             start = f"starting from the weights of {init_checkpoint(config) or config.model.init_from}"
         else:
             start = f"starting from a fresh initialisation (seed {config.seed})"
-        tqdm.write(f"[mptkit train] {config.name}: {n_params / 1e6:.1f}M parameters, {env.world_size} rank(s) on "
-                   f"{env.device.type}, {train_cfg.precision}, global batch {train_cfg.global_batch_size} x {seq_len} "
-                   f"tokens ({accumulation} accumulation step(s)); MFU against {peak:.2f} TFLOP/s ({peak_source}); "
-                   f"{start}")
-    autocast = torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=train_cfg.precision == "bf16")
-    result = TrainResult(step=step)
-    last_saved = resume_from
-    skipped_in_row = 0
-    bar = tqdm(total=train_cfg.max_steps, initial=step, desc=config.name, dynamic_ncols=True,
-               disable=not (env.is_main and config.logging.progress_bar))
+        return (f"[mptkit train] {config.name}: {state.n_params / 1e6:.1f}M parameters, {state.env.world_size} "
+                f"rank(s) on {state.env.device.type}, {train_cfg.precision}, global batch "
+                f"{train_cfg.global_batch_size} x {state.seq_len} tokens ({state.accumulation} accumulation step(s)); "
+                f"MFU against {self.peak:.2f} TFLOP/s ({self.peak_source}); {start}")
 
-    def save() -> Path:
-        trainer_state = {"step": step, "tokens_seen": tokens_seen, "recent_losses": list(watch.recent)}
-        return checkpointer.save(step, model, optimizer, scheduler, trainer_state, train_stream.state_dict(),
-                                 model_config.to_json_string(), run_dict)
+    def step(self, stats: StepStats) -> None:
+        tokens_per_s, mfu = stats.tokens_per_s, stats.mfu(self.peak)
+        if stats.step % self.config.logging.interval == 0 or stats.step == self.config.train.max_steps:
+            row = {"loss": stats.loss, "lr": stats.lr, "grad_norm": stats.grad_norm, "tokens_per_s": tokens_per_s,
+                   "mfu": mfu, "tokens_seen": stats.tokens_seen, "step_time_s": stats.elapsed}
+            if stats.problem is not None:
+                row["skipped"] = stats.problem
+            self.metrics.log(stats.step, row)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{stats.loss:.4f}", lr=f"{stats.lr:.2e}", tok_s=f"{tokens_per_s:,.0f}",
+                             mfu=f"{mfu:.1%}")
 
+    def halted(self, stats: StepStats) -> None:
+        self.metrics.log(stats.step, {"loss": stats.loss, "grad_norm": stats.grad_norm, "halted": stats.problem})
+
+    def close(self) -> None:
+        self.bar.close()
+        self.metrics.close()
+        logging = self.config.logging
+        if self.state.env.is_main and logging.jsonl and logging.loss_curve_png and self.metrics.jsonl_path.exists():
+            plot_loss_curve(self.metrics.jsonl_path, Path(self.config.output_dir) / "loss_curve.png", self.config.name)
+
+
+# ---- the loop -----------------------------------------------------------------------------------
+
+
+def train(config: RunConfig) -> TrainResult:
+    env = setup_distributed(config.train, config.parallel)
     try:
-        while step < train_cfg.max_steps:
-            started = time.perf_counter()
-            micro_batches = [
-                {k: v.to(env.device, non_blocking=True) for k, v in train_stream.next_batch().items()}
-                for _ in range(accumulation)
-            ]
-            targets = all_reduce_sum(
-                torch.stack([target_count(b["labels"]) for b in micro_batches]).sum().to(torch.float64), env
-            )
-            loss_sum = torch.zeros((), device=env.device, dtype=torch.float64)
-            step_flops, step_tokens = 0, 0
-            for index, batch in enumerate(micro_batches):
-                if env.is_distributed:
-                    # Reduce-scatter gradients once per step, on the last micro-batch.
-                    model.set_requires_gradient_sync(index == accumulation - 1)
-                # FSDP averages gradients over ranks; the world-size factor turns that into a sum.
-                loss_sum += forward_backward(model, batch, autocast, env.world_size / targets.float())
-                rows, length = batch["input_ids"].shape
-                step_tokens += rows * length
-                step_flops += rows * length * flops_per_token(n_params, model_config.n_layers, model_config.d_model,
-                                                              length)
-            loss = (all_reduce_sum(loss_sum, env) / targets).item()
-            grad_norm = _clip_gradients(model, train_cfg.grad_clip_norm)
-            problem = watch.problem(loss, grad_norm)
-            if problem is None:
-                optimizer.step()
-                watch.accept(loss)
-                skipped_in_row = 0
-            optimizer.zero_grad(set_to_none=True)
-            lr = optimizer.param_groups[0]["lr"]
-            scheduler.step()
-            step += 1
-            tokens_seen += step_tokens * env.world_size
-            result.losses[step] = loss
-            if problem is not None:
-                skipped_in_row += 1
-                where = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was saved yet"
-                if config.anomaly.policy == "stop" or skipped_in_row > config.anomaly.max_consecutive_skips:
-                    logger.log(step, {"loss": loss, "grad_norm": grad_norm, "halted": problem})
-                    raise TrainingHalted(
-                        f"step {step}: {problem}; stopping (anomaly.policy={config.anomaly.policy}, "
-                        f"{skipped_in_row} bad step(s) in a row). Nothing was saved after the bad step: {where}. "
-                        "Resume from it with a lower optimizer.lr or with anomaly.policy=skip."
-                    )
-                tqdm.write(f"[mptkit train] step {step}: {problem}; update skipped ({skipped_in_row} in a row)")
-
-            elapsed = time.perf_counter() - started
-            tokens_per_s = step_tokens * env.world_size / elapsed
-            mfu = step_flops / elapsed / (peak * 1e12)
-            if step % config.logging.interval == 0 or step == train_cfg.max_steps:
-                row = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, "mfu": mfu,
-                       "tokens_seen": tokens_seen, "step_time_s": elapsed}
-                if problem is not None:
-                    row["skipped"] = problem
-                logger.log(step, row)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", mfu=f"{mfu:.1%}")
-
-            if val_source is not None and config.eval.interval and step % config.eval.interval == 0:
-                result.val_loss = _validate(model, val_source, autocast, env, config, logger, step)
-            if config.checkpoint.interval and step % config.checkpoint.interval == 0:
-                last_saved = save()
-        if last_saved is None or not last_saved.name.endswith(f"{step:08d}"):
-            last_saved = save()
-        result.checkpoint = last_saved
-        if val_source is not None and not (config.eval.interval and step % config.eval.interval == 0):
-            result.val_loss = _validate(model, val_source, autocast, env, config, logger, step)
+        return run(config, env)
     finally:
-        bar.close()
-        logger.close()
-        # Also after a halt: the curve shows how the loss went bad.
-        if env.is_main and config.logging.jsonl and config.logging.loss_curve_png and logger.jsonl_path.exists():
-            plot_loss_curve(logger.jsonl_path, output_dir / "loss_curve.png", config.name)
-    result.step = step
+        teardown_distributed()
+
+
+def _due(step: int, interval: int) -> bool:
+    return bool(interval) and step % interval == 0
+
+
+def run(config: RunConfig, env: DistributedEnv) -> TrainResult:
+    """Steps to train.max_steps: policy, logging, periodic validation and checkpoints, a final save."""
+    state = build_training_state(config, env)
+    log = TrainingLog(state)
+    policy = AnomalyPolicy(config.anomaly)
+    result = TrainResult(step=state.step)
+    try:
+        while state.step < config.train.max_steps:
+            stats = train_step(state)
+            result.losses[stats.step] = stats.loss
+            verdict = policy.review(stats)
+            if verdict == "stop":
+                log.halted(stats)
+                raise policy.halt(stats, state.last_saved)
+            if verdict == "skip":
+                tqdm.write(policy.skip_message(stats))
+            log.step(stats)
+            if state.val_source is not None and _due(state.step, config.eval.interval):
+                result.val_loss = _validate(state, log.metrics)
+            if _due(state.step, config.checkpoint.interval):
+                save_checkpoint(state)
+        if state.last_saved is None or not state.last_saved.name.endswith(f"{state.step:08d}"):
+            save_checkpoint(state)
+        result.checkpoint = state.last_saved
+        if state.val_source is not None and not _due(state.step, config.eval.interval):
+            result.val_loss = _validate(state, log.metrics)
+    finally:
+        log.close()
+    result.step = state.step
     return result
 
 
@@ -345,13 +496,14 @@ def _clip_gradients(model: nn.Module, max_norm: float | None) -> float:
 
 
 @torch.no_grad()
-def _validate(model, val_source, autocast, env, config: RunConfig, logger: MetricsLogger, step: int) -> float:
+def _validate(state: TrainingState, logger: MetricsLogger) -> float:
     """Token-weighted validation loss over up to eval.max_batches micro-batches per rank."""
+    model, env, step = state.model, state.env, state.step
     model.eval()
     totals = torch.zeros(2, device=env.device, dtype=torch.float64)  # (loss sum, target count)
-    for batch in val_source.batches(config.eval.max_batches):
+    for batch in state.val_source.batches(state.config.eval.max_batches):
         batch = {k: v.to(env.device) for k, v in batch.items()}
-        with autocast:
+        with state.autocast:
             logits = model(**model_inputs(batch)).logits
         totals[0] += cross_entropy_sum(logits, batch["labels"])
         totals[1] += target_count(batch["labels"])
