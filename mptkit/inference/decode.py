@@ -161,20 +161,22 @@ class Decoder:
         self.device = model.transformer.wte.weight.device
         self.uses_positions = hasattr(model.transformer, "wpe") or model.transformer.rope_theta is not None
         use_streaming_linears(model)
-        self._step = self._decode_step
+        self._step = self.decode_step
         if compile:
             enable_compiled_decoding()
-            self._step = torch.compile(self._decode_step, fullgraph=True)
+            self._step = torch.compile(self.decode_step, fullgraph=True)
 
     @property
     def context_length(self) -> int:
         return self.config.max_seq_len
 
-    def _decode_step(self, tokens: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
-        """Logits (B, V) after one new token per row at position cache.write_positions."""
+    def decode_step(self, tokens: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
+        """Logits (B, V) after one new token per row at position cache.write_positions, attending
+        over the first `cache.visible` keys (row b's own position: write position - padding[b])."""
         position = cache.write_positions
         positions = (position - cache.padding)[:, None] if self.uses_positions else None
-        return forward_with_cache(self.model, tokens, position, cache, cache.key_valid, positions)
+        key_valid = cache.key_valid[:, : cache.visible]
+        return forward_with_cache(self.model, tokens, position, cache, key_valid, positions)
 
     @torch.no_grad()
     def prefill(self, tokens: torch.Tensor, valid: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
@@ -188,6 +190,21 @@ class Decoder:
         positions = token_positions(tokens.shape[0], length, 0, valid, None, self.device) if self.uses_positions else None
         logits = forward_with_cache(self.model, tokens, 0, cache, key_padding, positions)
         cache.write_positions = torch.full((1,), length, dtype=torch.long, device=self.device)
+        cache.visible = cache.max_length
+        return logits
+
+    @torch.no_grad()
+    def prefill_chunk(self, tokens: torch.Tensor, start: int, cache: StaticKVCache) -> torch.Tensor:
+        """Run `tokens` (B, S), unpadded, at positions start .. start+S-1 of `cache`, whose first
+        `start` keys hold the earlier part of the same prompts; logits of the last position.
+        A prompt prefilled in chunks this way gives the keys of one `prefill` of the whole prompt."""
+        batch, length = tokens.shape
+        cache.write_positions = torch.arange(start, start + length, device=self.device)
+        cache.visible = start + length
+        positions = None
+        if self.uses_positions:
+            positions = torch.arange(start, start + length, device=self.device).expand(batch, length)
+        logits = forward_with_cache(self.model, tokens, start, cache, None, positions)
         cache.visible = cache.max_length
         return logits
 
