@@ -282,19 +282,26 @@ def _dtype_argument() -> str:
     return "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
 
 
-def _load_hf(source: ModelSource, dtype: torch.dtype, max_seq_len: int | None) -> nn.Module:
+def load_hf_mpt(source: ModelSource, config, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The weights of an HF-format MPT directory in a model built from `config` (the stored one, or
+    one with overrides such as a fine-tuning run's dropout)."""
+    from mptkit.model import MPTForCausalLM
+
     files = check_weight_files(source.path)
     with _naming_bad_weights(files):
-        if read_config_fields(source).get("model_type") != "mpt":
-            # another architecture (eval compares against them): transformers' own classes, local files only
-            from transformers import AutoModelForCausalLM
-
-            return AutoModelForCausalLM.from_pretrained(str(source.path), local_files_only=True,
-                                                        **{_dtype_argument(): dtype})
-        from mptkit.model import MPTForCausalLM
-
-        config = read_model_config(source, max_seq_len)
         return MPTForCausalLM.from_pretrained(str(source.path), config=config, **{_dtype_argument(): dtype})
+
+
+def _load_hf(source: ModelSource, dtype: torch.dtype, max_seq_len: int | None) -> nn.Module:
+    if read_config_fields(source).get("model_type") == "mpt":
+        return load_hf_mpt(source, read_model_config(source, max_seq_len), dtype)
+    # another architecture (eval compares against them): transformers' own classes, local files only
+    from transformers import AutoModelForCausalLM
+
+    files = check_weight_files(source.path)
+    with _naming_bad_weights(files):
+        return AutoModelForCausalLM.from_pretrained(str(source.path), local_files_only=True,
+                                                    **{_dtype_argument(): dtype})
 
 
 def _load_training_checkpoint(source: ModelSource, dtype: torch.dtype, max_seq_len: int | None) -> nn.Module:

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from mptkit.train.checkpoint import latest_checkpoint, list_checkpoints
+from mptkit.loading import latest_checkpoint, list_checkpoints
 
 from .train_support import PRETRAIN_YAML, REPO, logged_losses, pretrain_overrides, start_mptkit, start_ranks
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import MptForCausalLM
 
-from mptkit.model import MPTConfig, MPTForCausalLM
-from mptkit.train.checkpoint import latest_checkpoint, list_checkpoints, load_model_weights
-from mptkit.train.config import load_config
 from mptkit.export.hf import export_hf
+from mptkit.loading import latest_checkpoint, list_checkpoints, load_dcp_model_weights
+from mptkit.model import MPTConfig, MPTForCausalLM
+from mptkit.train.config import load_config
 from mptkit.train.loop import (
     AnomalyPolicy,
     LossWatch,
@@ -67,7 +67,7 @@ def test_export_writes_a_directory_that_transformers_loads_with_the_same_logits(
     checkpoint = latest_checkpoint(out / "checkpoints")
     export_hf(out / "checkpoints", tmp_path / "hf")
     trained = MPTForCausalLM(MPTConfig.from_pretrained(tmp_path / "hf"))
-    load_model_weights(trained, checkpoint)
+    load_dcp_model_weights(trained, checkpoint)
     exported = MPTForCausalLM.from_pretrained(tmp_path / "hf")
     oracle = MptForCausalLM.from_pretrained(tmp_path / "hf")  # transformers' own implementation
     tokens = torch.randint(0, 50277, (2, 24), generator=torch.Generator().manual_seed(0))

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from mptkit.train.checkpoint import is_checkpoint, latest_checkpoint
+from mptkit.loading import is_checkpoint, latest_checkpoint
 
 from .train_support import PRETRAIN_YAML, logged_losses, pretrain_overrides, start_mptkit
 

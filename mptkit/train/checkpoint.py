@@ -19,6 +19,7 @@ import json
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -38,14 +39,9 @@ from mptkit.loading import (
     TRAINING_MODEL_CONFIG,
     TRAINING_RUN_CONFIG,
     checkpoint_name,
-    is_checkpoint,
-    latest_checkpoint,
     list_checkpoints,
-    resolve_checkpoint,
     single_process_quietly,
 )
-from mptkit.loading import load_dcp_model_weights as load_model_weights
-from mptkit.loading import ModelSource, read_config_fields
 
 from .parallel import DistributedEnv, barrier
 
@@ -167,6 +163,3 @@ def load_full_model_state(model: nn.Module, full_state: dict[str, torch.Tensor],
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=env.is_distributed)
     set_model_state_dict(model, full_state if env.is_main or not env.is_distributed else {}, options=options)
 
-
-def model_config_dict(path: Path) -> dict:
-    return read_config_fields(ModelSource(Path(path), "training-checkpoint"))

@@ -238,7 +238,7 @@ def _read_model_section(value: Any, key: str, reader: typed_yaml.Reader) -> Mode
     return section
 
 
-def _check_relations(config: RunConfig, origins: _Origins) -> None:
+def _check_relations(config: RunConfig, origins: typed_yaml.Origins) -> None:
     """Checks that involve more than one field (the world size is checked when training starts)."""
     positive = {
         "train.max_steps": config.train.max_steps,

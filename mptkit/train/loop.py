@@ -21,7 +21,6 @@ gradient is the same whatever the world size and accumulation), clips, checks th
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -36,19 +35,20 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from mptkit.loading import (
+    ModelSource,
+    find_source,
+    latest_checkpoint,
+    list_checkpoints,
+    load_dcp_model_weights,
+    load_hf_mpt,
+    read_config_fields,
+    resolve_checkpoint,
+)
 from mptkit.model import MPTConfig, MPTForCausalLM
 from mptkit.model.configuration_mpt import merge_config_fields
 
-from .checkpoint import (
-    Checkpointer,
-    is_checkpoint,
-    latest_checkpoint,
-    list_checkpoints,
-    load_full_model_state,
-    load_model_weights,
-    model_config_dict,
-    resolve_checkpoint,
-)
+from .checkpoint import Checkpointer, load_full_model_state
 from .config import AnomalyConfig, ConfigError, RunConfig
 from .data import build_train_stream, build_val_source
 from .metrics import MetricsLogger, flops_per_token, peak_tflops, plot_loss_curve
@@ -71,36 +71,29 @@ class TrainResult:
 # ---- model --------------------------------------------------------------------------------------
 
 
-def init_checkpoint(config: RunConfig) -> Path | None:
-    """The training checkpoint named by model.init_from (it or the newest inside it), if it is one."""
+def init_source(config: RunConfig) -> ModelSource | None:
+    """What model.init_from names (an HF-format directory, a training checkpoint or their directory)."""
     if config.model.init_from is None:
         return None
-    source = Path(config.model.init_from)
-    return source if is_checkpoint(source) else latest_checkpoint(source)
+    try:
+        return find_source(config.model.init_from)
+    except FileNotFoundError as exc:
+        raise ConfigError(str(exc), field="init_from", scope="model") from None
 
 
 def resolve_model_config(config: RunConfig) -> MPTConfig:
     """The MPTConfig of the run: a preset or the `init_from` model's, with the overrides merged."""
     section = config.model
-    if section.init_from is None:
+    source = init_source(config)
+    if source is None:
         return section.preset_config()
-    source = Path(section.init_from)
-    if (checkpoint := init_checkpoint(config)) is not None:
-        fields = model_config_dict(checkpoint)
-    elif (source / "config.json").is_file():
-        fields = json.loads((source / "config.json").read_text())
-    else:
-        raise ConfigError(f"model.init_from: {source} is neither an HF-format model directory (config.json) "
-                          "nor a training checkpoint (.metadata) or a directory of them")
-    return MPTConfig(**merge_config_fields(fields, section.overrides))
+    return MPTConfig.from_dict(merge_config_fields(read_config_fields(source), section.overrides))
 
 
 def _initial_state(config: RunConfig, model_config: MPTConfig) -> dict[str, torch.Tensor]:
     """Full starting weights, built on CPU so that they do not depend on device or world size."""
-    if config.model.init_from is not None:
-        pretrained = MPTForCausalLM.from_pretrained(config.model.init_from, config=model_config,
-                                                    dtype=torch.float32)
-        return pretrained.state_dict()
+    if (source := init_source(config)) is not None:
+        return load_hf_mpt(source, model_config).state_dict()
     with torch.device("meta"):
         model = MPTForCausalLM(model_config)
     model.to_empty(device="cpu")
@@ -116,8 +109,9 @@ def build_model(config: RunConfig, model_config: MPTConfig, env: DistributedEnv,
     parallelize(model, config.train, config.parallel, env)
     model.to_empty(device=env.device)
     if initialize:
-        if (checkpoint := init_checkpoint(config)) is not None:
-            load_model_weights(model, checkpoint)
+        source = init_source(config)
+        if source is not None and source.format == "training-checkpoint":
+            load_dcp_model_weights(model, source.path)  # each rank reads its own shards
         else:
             state = _initial_state(config, model_config) if env.is_main else {}
             load_full_model_state(model, state, env)
@@ -408,7 +402,7 @@ class TrainingLog:
         if state.resumed_from is not None:
             start = f"resuming from {state.resumed_from} at step {state.step}"
         elif config.model.init_from is not None:
-            start = f"starting from the weights of {init_checkpoint(config) or config.model.init_from}"
+            start = f"starting from the weights of {init_source(config).path}"
         else:
             start = f"starting from a fresh initialisation (seed {config.seed})"
         return (f"[mptkit train] {config.name}: {state.n_params / 1e6:.1f}M parameters, {state.env.world_size} "
