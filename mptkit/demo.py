@@ -22,7 +22,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,45 +128,21 @@ def _resolve(paths: tuple[str, ...]) -> list[str]:
     return resolved
 
 
-def _model_overrides(cfg: DemoConfig) -> list[str]:
-    return [
-        f"model.d_model={cfg.d_model}",
-        f"model.n_heads={cfg.n_heads}",
-        f"model.n_layers={cfg.n_layers}",
-        f"model.max_seq_len={cfg.context}",
-        "model.attn_config.alibi=true",
-    ]
-
-
 def measure_step_seconds(config, repeats: int = 2) -> float:
-    """Mean seconds per optimizer step of `config`'s model on a batch of its shape, after one warm-up
-    step (the mean, not the best: a busy machine should plan fewer steps, not more).
+    """Mean seconds per optimizer step of `config`, timed on the training step itself after one
+    warm-up step (the mean, not the best: a busy machine should plan fewer steps, not more).
 
-    The model is built and initialised as training builds it; the batch is random tokens, which
-    cost what real ones cost.
+    The run's own data and model are set up as training sets them up; its checkpoints go to a
+    throw-away directory, so the real run starts fresh.
     """
-    import torch
+    from mptkit.train.loop import build_training_state, train_step
 
-    from mptkit.model import MPTForCausalLM
-    from mptkit.train.loop import resolve_model_config
-    from mptkit.train.optim import build_optimizer
-
-    model = MPTForCausalLM(resolve_model_config(config)).train()
-    optimizer = build_optimizer(model, config.optimizer)
-    batch = torch.randint(0, model.config.vocab_size, (config.train.micro_batch_size, config.train.seq_len))
-    accumulation = config.train.global_batch_size // config.train.micro_batch_size
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.train.precision == "bf16")
-    times = []
-    for _ in range(repeats + 1):
-        started = time.perf_counter()
-        for _ in range(accumulation):
-            with autocast:
-                loss = model(input_ids=batch, labels=batch).loss
-            loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - started)
-    return sum(times[1:]) / repeats
+    probe = Path(config.output_dir) / "step-timing"
+    shutil.rmtree(probe, ignore_errors=True)
+    state = build_training_state(replace(config, checkpoint=replace(config.checkpoint, dir=str(probe))))
+    seconds = [train_step(state).elapsed for _ in range(repeats + 1)][1:]
+    shutil.rmtree(probe, ignore_errors=True)
+    return sum(seconds) / repeats
 
 
 def plan_steps(config, budget: StageBudget, label: str) -> int:
@@ -179,71 +155,59 @@ def plan_steps(config, budget: StageBudget, label: str) -> int:
     return steps
 
 
-def run_training(base_yaml: str, overrides: list[str], budget: StageBudget, label: str):
-    """Load a shipped config with the demo's overrides, size its steps, and train it."""
+def _stage_config(base_yaml: str, cfg: DemoConfig, *, name: str, out: Path, model, data_train, data_val, lr: float,
+                  batch: int, seq_len: int):
+    """A shipped config, loaded once, with the demo's changes: CPU, no periodic checkpoints or evals
+    (the demo evaluates afterwards), a fresh start."""
     from mptkit.train.config import load_config
+
+    base = load_config(REPO / base_yaml)
+    return replace(
+        base, name=name, output_dir=str(out), seed=cfg.seed, model=model,
+        data=replace(base.data, train=_resolve(data_train), val=_resolve(data_val)),
+        optimizer=replace(base.optimizer, lr=lr),
+        train=replace(base.train, device="cpu", global_batch_size=batch, micro_batch_size=batch, seq_len=seq_len,
+                      precision=cfg.precision),
+        checkpoint=replace(base.checkpoint, interval=0, keep_last_n=1, resume="never"),
+        eval=replace(base.eval, interval=0, max_batches=4),
+        logging=replace(base.logging, interval=1, tensorboard=False),
+    )
+
+
+def run_training(config, budget: StageBudget, label: str):
+    """Size the stage's steps from a measured step time, then train."""
+    from mptkit.train.config import check_config
     from mptkit.train.loop import train
 
-    yaml_path = REPO / base_yaml
-    config = load_config(yaml_path, overrides)
-    steps = plan_steps(config, budget, label)
-    overrides = overrides + [f"train.max_steps={steps}", f"schedule.warmup_steps={max(1, steps // 20)}"]
-    config = load_config(yaml_path, overrides)
-    print(f"[demo] equivalent command: mptkit train {base_yaml} {' '.join(overrides)}", flush=True)
+    steps = plan_steps(check_config(config), budget, label)
+    config = check_config(replace(config, train=replace(config.train, max_steps=steps),
+                                  schedule=replace(config.schedule, warmup_steps=max(1, steps // 20))))
+    print(f"[demo] {label}: {steps} steps (the validated run config is saved beside each checkpoint as "
+          "run_config.yaml)", flush=True)
     return config, train(config)
 
 
-# Both stages: CPU, no periodic checkpoints or evals (the demo evaluates afterwards), a fresh start.
-_STAGE_OVERRIDES = (
-    "train.device=cpu",
-    "checkpoint.interval=0",
-    "checkpoint.keep_last_n=1",
-    "checkpoint.resume=never",
-    "eval.interval=0",
-    "eval.max_batches=4",
-    "logging.interval=1",
-    "logging.tensorboard=false",
-)
-
-
 def pretrain(cfg: DemoConfig):
-    out = cfg.out / "pretrain"
-    overrides = [
-        "name=demo-pretrain",
-        f"output_dir={out}",
-        f"seed={cfg.seed}",
-        "model.preset=tiny",
-        *_model_overrides(cfg),
-        f"data.train=[{','.join(_resolve(cfg.books))}]",
-        f"data.val=[{','.join(_resolve(cfg.heldout))}]",
-        f"optimizer.lr={cfg.pretrain_lr}",
-        "schedule.name=cosine",
-        f"train.global_batch_size={cfg.pretrain_batch}",
-        f"train.micro_batch_size={cfg.pretrain_batch}",
-        f"train.seq_len={cfg.train_len}",
-        f"train.precision={cfg.precision}",
-        *_STAGE_OVERRIDES,
-    ]
-    return run_training("configs/pretrain/tiny.yaml", overrides, cfg.pretrain, "pretraining")
+    from mptkit.train.config import ModelConfig
+
+    model = ModelConfig(preset="tiny", overrides={"d_model": cfg.d_model, "n_heads": cfg.n_heads,
+                                                  "n_layers": cfg.n_layers, "max_seq_len": cfg.context,
+                                                  "attn_config": {"alibi": True}})
+    config = _stage_config("configs/pretrain/tiny.yaml", cfg, name="demo-pretrain", out=cfg.out / "pretrain",
+                           model=model, data_train=cfg.books, data_val=cfg.heldout, lr=cfg.pretrain_lr,
+                           batch=cfg.pretrain_batch, seq_len=cfg.train_len)
+    config = replace(config, schedule=replace(config.schedule, name="cosine"))
+    return run_training(config, cfg.pretrain, "pretraining")
 
 
 def finetune(cfg: DemoConfig, pretrained_checkpoint: Path):
-    out = cfg.out / "finetune"
-    overrides = [
-        "name=demo-instruct",
-        f"output_dir={out}",
-        f"seed={cfg.seed}",
-        f"model.init_from={pretrained_checkpoint}",
-        f"data.train=[{','.join(_resolve(cfg.instruct))}]",
-        f"data.val=[{','.join(_resolve(cfg.instruct_val))}]",
-        f"optimizer.lr={cfg.finetune_lr}",
-        f"train.global_batch_size={cfg.finetune_batch}",
-        f"train.micro_batch_size={cfg.finetune_batch}",
-        f"train.seq_len={cfg.finetune_len}",
-        f"train.precision={cfg.precision}",
-        *_STAGE_OVERRIDES,
-    ]
-    return run_training("configs/finetune/instruct.yaml", overrides, cfg.finetune, "instruction tuning")
+    from mptkit.train.config import ModelConfig
+
+    config = _stage_config("configs/finetune/instruct.yaml", cfg, name="demo-instruct", out=cfg.out / "finetune",
+                           model=ModelConfig(preset=None, init_from=str(pretrained_checkpoint)),
+                           data_train=cfg.instruct, data_val=cfg.instruct_val, lr=cfg.finetune_lr,
+                           batch=cfg.finetune_batch, seq_len=cfg.finetune_len)
+    return run_training(config, cfg.finetune, "instruction tuning")
 
 
 def extrapolation(cfg: DemoConfig, model_dir: Path):
@@ -325,121 +289,84 @@ def answer(cfg: DemoConfig, model_dir: Path, prompt: str) -> Reply:
 
 # ---- the summary ----------------------------------------------------------------------------------
 
+MPT_7B_COMPUTE = 6.65e9 * 1e12  # parameters x training tokens of MPT-7B (MPT.md)
+VOCAB_SIZE = 50432
+
+
+@dataclass(frozen=True)
+class DemoFacts:
+    """What the run measured: the summary, its honesty statement and summary.json are made from these."""
+
+    load_start: float
+    parameters: int
+    pretrain_steps: int
+    pretrain_tokens: int
+    pretrain_loss: float
+    pretrain_val_loss: float
+    finetune_steps: int
+    finetune_tokens: int
+    finetune_loss: float
+    finetune_val_loss: float
+    eval_tokens: int
+    extrapolation: tuple[dict, ...]  # {seq_len, nonoverlapping, sliding} per eval length
+    answer: str
+    answer_finish: str  # "stop": the model ended it with end-of-text; "length": it hit the cap
+    answer_tokens: int
+
+    @property
+    def pretrain_val_ppl(self) -> float:
+        return math.exp(self.pretrain_val_loss)
+
+    def to_json(self) -> dict:
+        return {**dataclasses.asdict(self), "pretrain_val_ppl": self.pretrain_val_ppl}
+
+
+def _template(name: str) -> str:
+    return (Path(__file__).parent / "assets" / "demo" / name).read_text()
+
+
+def _common_fields(cfg: DemoConfig, model_dir: Path) -> dict:
+    return dict(model_dir=model_dir, base_dir=model_dir.parent / "base-model", prompt=MODEL_CARD_PROMPT,
+                temperature=cfg.temperature, top_p=cfg.top_p, repetition_penalty=cfg.repetition_penalty,
+                seed=cfg.seed, train_len=cfg.train_len)
+
 
 def usage_text(cfg: DemoConfig, model_dir: Path) -> str:
-    return f"""Load it with the MPT model card's code (transformers, trust_remote_code: the model's source
-files are saved beside the weights, so mptkit need not be installed):
-
-```python
-import transformers
-model = transformers.AutoModelForCausalLM.from_pretrained("{model_dir}", trust_remote_code=True)
-tokenizer = transformers.AutoTokenizer.from_pretrained("{model_dir}")
-# ALiBi: raise the context at load, as the StoryWriter card does
-config = transformers.AutoConfig.from_pretrained("{model_dir}", trust_remote_code=True)
-config.max_seq_len = 2048
-model = transformers.AutoModelForCausalLM.from_pretrained("{model_dir}", config=config, trust_remote_code=True)
-```
-
-Or with mptkit:
-
-```
-mptkit generate {model_dir} --template instruct --prompt "{MODEL_CARD_PROMPT}" --temperature {cfg.temperature} --seed {cfg.seed}
-mptkit chat {model_dir}
-mptkit serve {model_dir}        # OpenAI-compatible: POST /v1/completions, /v1/chat/completions
-mptkit eval extrapolate {model_dir.parent / 'base-model'} data/books/heldout --train-len {cfg.train_len}
-```"""
+    return _template("usage.md").format(**_common_fields(cfg, model_dir)).rstrip()
 
 
-def honesty_text(cfg: DemoConfig, facts: dict) -> str:
+def honesty_text(cfg: DemoConfig, facts: DemoFacts) -> str:
     """What the run shows and what it cannot, stated from this run's own measurements."""
-    seen = facts["pretrain_tokens"] + facts["finetune_tokens"]
-    compute_ratio = (6.65e9 * 1e12) / (facts["parameters"] * seen)  # MPT-7B: 6.65B parameters x 1T tokens
-    longest = cfg.multiples[-1]
-    change = facts["extrapolation"][-1]["nonoverlapping"] / facts["extrapolation"][0]["nonoverlapping"] - 1
-    if facts["answer_finish"] == "stop":
-        ending = f"it ended its answer itself with end-of-text after {facts['answer_tokens']} tokens"
+    seen = facts.pretrain_tokens + facts.finetune_tokens
+    change = facts.extrapolation[-1]["nonoverlapping"] / facts.extrapolation[0]["nonoverlapping"] - 1
+    if facts.answer_finish == "stop":
+        ending = f"it ended its answer itself with end-of-text after {facts.answer_tokens} tokens"
     else:
-        ending = f"it did not end its answer by itself within {facts['answer_tokens']} tokens"
-    return f"""**What this model can and cannot do.** It has {facts['parameters'] / 1e6:.1f}M parameters
-({50432 * cfg.d_model / 1e6:.1f}M of them the GPT-NeoX token embedding) and was trained on
-{facts['pretrain_tokens'] / 1e6:.2f}M tokens of novels and {facts['finetune_tokens'] / 1e6:.2f}M tokens of instructions,
-on CPU cores for a few minutes: about 10^{round(math.log10(compute_ratio))} times less compute than MPT-7B
-(6.7B parameters, 1T tokens, 440 GPUs for 9.5 days). What it shows: on held-out novels it reaches a
-perplexity of {facts['pretrain_val_ppl']:.0f} (guessing uniformly over the vocabulary would score 50,277); given the
-instruct template, {ending}; and, because ALiBi has no position table, its perplexity at {longest}x the
-training length is {abs(change):.1%} {'lower' if change < 0 else 'higher'} than at 1x (learned and rotary
-positions degrade there: docs/extrapolation.md). What it cannot do: know what REST or GraphQL are,
-follow an instruction's meaning, stay coherent beyond a few words, or state facts. Read the answer
-above as a smoke test of the pipeline (tokenizer, template, fine-tuning, export, generation), not
-of the model. The same commands with `configs/pretrain/125m.yaml` on GPUs, or a published MPT-7B
-checkpoint as `model.init_from`, are how a useful model is made."""
+        ending = f"it did not end its answer by itself within {facts.answer_tokens} tokens"
+    return _template("honesty.md").format(
+        parameters_m=facts.parameters / 1e6, embedding_m=VOCAB_SIZE * cfg.d_model / 1e6,
+        pretrain_tokens_m=facts.pretrain_tokens / 1e6, finetune_tokens_m=facts.finetune_tokens / 1e6,
+        compute_exponent=round(math.log10(MPT_7B_COMPUTE / (facts.parameters * seen))),
+        pretrain_val_ppl=facts.pretrain_val_ppl, ending=ending, longest_multiple=cfg.multiples[-1],
+        change_abs=abs(change), direction="lower" if change < 0 else "higher",
+    ).rstrip()
 
 
-def write_summary(cfg: DemoConfig, facts: dict, table: str, card_check: str, stages: Stages) -> Path:
-    model_dir, base_dir = cfg.out / "model", cfg.out / "base-model"
+def write_summary(cfg: DemoConfig, facts: DemoFacts, table: str, card_check: str, stages: Stages) -> Path:
+    model_dir = cfg.out / "model"
     load_end = os.getloadavg()[0]
     busy = (" (other processes were competing for the cores: times here are slower than on an idle machine)"
-            if max(facts["load_start"], load_end) > (os.cpu_count() or 1) + 0.5 else "")
-    timing = "\n".join(f"| {title} | {seconds:.0f} s |" for title, seconds in stages.durations.items())
-    text = f"""# mptkit demo
-
-A {cfg.n_layers}-layer, {cfg.d_model}-wide ALiBi MPT ({facts['parameters'] / 1e6:.1f}M parameters, GPT-NeoX
-tokenizer) pretrained on the bundled novels at {cfg.train_len} tokens, then instruction-tuned.
-Total wall time {stages.elapsed() / 60:.1f} min on {os.cpu_count()} CPU thread(s), precision {cfg.precision}; load average
-{facts['load_start']:.1f} at the start and {load_end:.1f} at the end{busy}.
-
-## Pretraining
-
-{facts['pretrain_steps']} steps x {cfg.pretrain_batch} x {cfg.train_len} tokens ({facts['pretrain_tokens'] / 1e6:.2f}M tokens).
-Final train loss {facts['pretrain_loss']:.3f}; held-out books (Gatsby, Alice) validation loss
-{facts['pretrain_val_loss']:.3f} (perplexity {facts['pretrain_val_ppl']:.1f}).
-
-![pretraining loss](pretrain_loss.png)
-
-## Instruction tuning
-
-{facts['finetune_steps']} steps x {cfg.finetune_batch} examples of at most {cfg.finetune_len} tokens, MPT's instruct
-template, loss on the response tokens only. Final train loss {facts['finetune_loss']:.3f}; validation loss
-{facts['finetune_val_loss']:.3f}.
-
-![instruction-tuning loss](finetune_loss.png)
-
-## Extrapolation: trained at {cfg.train_len}, evaluated at up to {cfg.train_len * max(cfg.multiples)} tokens
-
-Perplexity of the pretrained model on the first {cfg.eval_tokens_per_book} tokens of each held-out book
-({facts['eval_tokens']} tokens scored at every length; sliding stride = 1/4 of the window).
-With ALiBi, longer windows give tokens more context and perplexity should stay flat or improve; a
-learned or rotary position model degrades past its training length (docs/extrapolation.md).
-
-{table}
-
-![extrapolation](extrapolation.png)
-
-## The model card's prompt
-
-Instruction: {MODEL_CARD_PROMPT}
-(instruct template, temperature {cfg.temperature}, top-p {cfg.top_p}, repetition penalty {cfg.repetition_penalty}, seed {cfg.seed})
-
-```
-{facts['answer']}
-```
-
-{honesty_text(cfg, facts)}
-
-## The checkpoints
-
-- `{model_dir}`: the instruction-tuned model, HF format (config.json, model.safetensors, the model's
-  source files, tokenizer). Model-card load check: {card_check}.
-- `{base_dir}`: the pretrained model before instruction tuning.
-
-{usage_text(cfg, model_dir)}
-
-## Time per stage
-
-| stage | wall time |
-|---|---:|
-{timing}
-"""
+            if max(facts.load_start, load_end) > (os.cpu_count() or 1) + 0.5 else "")
+    text = _template("summary.md").format(
+        **_common_fields(cfg, model_dir), **dataclasses.asdict(facts),
+        n_layers=cfg.n_layers, d_model=cfg.d_model, parameters_m=facts.parameters / 1e6,
+        minutes=stages.elapsed() / 60, cpu_count=os.cpu_count(), precision=cfg.precision, load_end=load_end,
+        busy=busy, pretrain_batch=cfg.pretrain_batch, pretrain_tokens_m=facts.pretrain_tokens / 1e6,
+        pretrain_val_ppl=facts.pretrain_val_ppl, finetune_batch=cfg.finetune_batch, finetune_len=cfg.finetune_len,
+        longest_eval=cfg.train_len * max(cfg.multiples), eval_tokens_per_book=cfg.eval_tokens_per_book,
+        table=table, honesty=honesty_text(cfg, facts), card_check=card_check, usage=usage_text(cfg, model_dir),
+        timing="\n".join(f"| {title} | {seconds:.0f} s |" for title, seconds in stages.durations.items()),
+    )
     path = cfg.out / "summary.md"
     path.write_text(text)
     return path
@@ -451,6 +378,10 @@ Instruction: {MODEL_CARD_PROMPT}
 def _final(losses: dict[int, float], last: int = 10) -> float:
     steps = sorted(losses)[-last:]
     return sum(losses[s] for s in steps) / len(steps)
+
+
+def _stage_tokens(result, config) -> int:
+    return result.step * config.train.global_batch_size * config.train.seq_len
 
 
 def run(cfg: DemoConfig) -> Path:
@@ -484,30 +415,22 @@ def run(cfg: DemoConfig) -> Path:
     reply = answer(cfg, cfg.out / "model", MODEL_CARD_PROMPT)
 
     stages.begin("Writing the summary")
-    facts = {
-        "load_start": load_start,
-        "parameters": parameters,
-        "pretrain_steps": pre.step,
-        "pretrain_tokens": pre.step * cfg.pretrain_batch * cfg.train_len,
-        "pretrain_loss": _final(pre.losses),
-        "pretrain_val_loss": pre.val_loss,
-        "pretrain_val_ppl": math.exp(pre.val_loss),
-        "finetune_steps": ft.step,
-        "finetune_tokens": ft.step * cfg.finetune_batch * cfg.finetune_len,
-        "finetune_loss": _final(ft.losses),
-        "finetune_val_loss": ft.val_loss,
-        "eval_tokens": points[0].nonoverlapping.num_tokens,
-        "extrapolation": [
+    facts = DemoFacts(
+        load_start=load_start, parameters=parameters,
+        pretrain_steps=pre.step, pretrain_tokens=_stage_tokens(pre, pre_config), pretrain_loss=_final(pre.losses),
+        pretrain_val_loss=pre.val_loss,
+        finetune_steps=ft.step, finetune_tokens=_stage_tokens(ft, ft_config), finetune_loss=_final(ft.losses),
+        finetune_val_loss=ft.val_loss,
+        eval_tokens=points[0].nonoverlapping.num_tokens,
+        extrapolation=tuple(
             {"seq_len": p.seq_len, "nonoverlapping": p.nonoverlapping.perplexity, "sliding": p.sliding.perplexity}
             for p in points
-        ],
-        "answer": reply.text,
-        "answer_finish": reply.finish_reason,
-        "answer_tokens": reply.tokens,
-    }
+        ),
+        answer=reply.text, answer_finish=reply.finish_reason, answer_tokens=reply.tokens,
+    )
     stages.end()
     summary = write_summary(cfg, facts, table, card_check, stages)
-    (cfg.out / "summary.json").write_text(json.dumps({**facts, "seconds": stages.elapsed()}, indent=2))
+    (cfg.out / "summary.json").write_text(json.dumps({**facts.to_json(), "seconds": stages.elapsed()}, indent=2))
     print(f"\n{honesty_text(cfg, facts)}\n")
     print(usage_text(cfg, cfg.out / "model"))
     print(f"\nDone in {stages.elapsed() / 60:.1f} min (load average {load_start:.1f} at the start, "

@@ -14,7 +14,7 @@ from mptkit.demo import MODEL_CARD_PROMPT, QUICK, REPO
 
 @pytest.fixture(scope="module")
 def demo_out(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
+    out = tmp_path_factory.mktemp("demo, a path with a comma")  # once broke f-string overrides
     assert cli_main(["demo", "--quick", "--out", str(out)]) == 0
     return out
 

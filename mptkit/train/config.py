@@ -201,6 +201,17 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     return config
 
 
+def check_config(config: RunConfig) -> RunConfig:
+    """The checks `load_config` makes, for a config built or changed in code (`dataclasses.replace`)."""
+    if config.model.init_from is None:
+        try:
+            config.model.preset_config()
+        except ConfigError as exc:
+            raise ConfigError(exc.message, field=typed_yaml.join("model", exc.field), where="config") from None
+    _check_relations(config, typed_yaml.Origins())
+    return config
+
+
 def _model_config_fields() -> list[str]:
     from mptkit.model import MPTConfig
 
