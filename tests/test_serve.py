@@ -37,28 +37,38 @@ def checkpoint(tiny_checkpoint):
     return tiny_checkpoint
 
 
-@pytest.fixture(scope="module")
-def server(checkpoint, tmp_path_factory):
+def launch_server(checkpoint, *args: str, log, ready: bool = True, timeout: float = 180):
+    """`mptkit serve CHECKPOINT ARGS` (fp32) as a process on a free 127.0.0.1 port: (process, base
+    URL) once /health answers, and answers 200 (ready) when `ready`."""
     port = _free_port()
-    log = open(tmp_path_factory.mktemp("serve-log") / "server.log", "w+")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(
         [sys.executable, "-m", "mptkit.cli", "serve", str(checkpoint), "--port", str(port), "--dtype", "float32",
-         "--max-seq-len", str(CONTEXT), "--log-level", "warning"],
+         *args],
         stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
     )
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
+    deadline = time.time() + timeout
     while True:
         try:
-            httpx.get(f"{base}/v1/models", timeout=1).raise_for_status()
-            break
+            status = httpx.get(f"{base}/health", timeout=1).status_code
+            if status == 200 or not ready:
+                return process, base
         except httpx.HTTPError:
-            if process.poll() is not None or time.time() > deadline:
-                process.kill()
-                log.seek(0)
-                pytest.fail(f"server did not start:\n{log.read()[-3000:]}")
-            time.sleep(0.3)
+            pass
+        if process.poll() is not None or time.time() > deadline:
+            process.kill()
+            log.seek(0)
+            pytest.fail(f"server did not start:\n{log.read()[-3000:]}")
+        time.sleep(0.3)
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, tmp_path_factory):
+    log = open(tmp_path_factory.mktemp("serve-log") / "server.log", "w+")
+    process, base = launch_server(checkpoint, "--max-seq-len", str(CONTEXT), "--log-level", "warning",
+                                  "--no-compile", log=log)  # compiling at start-up: test_serve_server.py
+    assert httpx.get(f"{base}/v1/models", timeout=5).status_code == 200
     yield base
     process.terminate()
     process.wait(timeout=20)
@@ -253,6 +263,7 @@ def test_32_concurrent_clients_get_their_own_answers(client, reference, server):
     after = httpx.get(f"{server}/stats", timeout=10).json()
     assert after["requests"] - before["requests"] == 32
     assert after["batches"] - before["batches"] < 32  # requests were batched together
+    assert after["largest_batch"] > 1  # decoded together
 
 
 def test_client_disconnect_stops_its_generation(server):
@@ -298,3 +309,9 @@ def test_serve_refuses_a_public_host_before_loading(capsys):
     assert "loopback" in capsys.readouterr().err
     for host in ("127.0.0.1", "::1", "localhost"):
         check_loopback(host)
+
+
+def test_serve_takes_a_public_host_with_an_api_key(capsys):
+    assert serve_main("serve", ["/nonexistent", "--host", "0.0.0.0", "--api-key", "secret"]) == 2
+    error = capsys.readouterr().err
+    assert "loopback" not in error and "/nonexistent" in error  # past the host check, failing to load

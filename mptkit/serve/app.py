@@ -1,25 +1,36 @@
-"""The OpenAI-compatible HTTP API (MPT.md section 5) over an `Engine`.
+"""The OpenAI-compatible HTTP API (MPT.md section 5) over an engine (engine.py).
 
     GET  /v1/models             the one served model
     POST /v1/completions        prompt -> text (prompt may be a list: one choice per prompt)
     POST /v1/chat/completions   ChatML messages -> the assistant's reply
+    GET  /health                alive and ready (model loaded, decode step compiled): 200, else 503
+    GET  /metrics               Prometheus metrics (metrics.py)
     GET  /stats                 the engine's counters (not part of the OpenAI API)
 
 `stream: true` answers with server-sent events `data: {json}` ending in `data: [DONE]`. Every
-invalid request gets a 400 with `{"error": {"message", "type", "param", "code"}}`.
+invalid request gets a 400 with `{"error": {"message", "type", "param", "code"}}`; a body over
+`max_body_bytes` a 413 as soon as that many bytes have come (or at once from Content-Length); a
+full queue a 429 with Retry-After; a request past its deadline a 504 (or an error event, once
+streaming); with `api_key`, a request without `Authorization: Bearer <key>` a 401 (/health
+stays open). Bodies are parsed, validated and tokenized in a thread pool, never on the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import copy
+import hmac
 import json
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -27,7 +38,10 @@ from mptkit.data.templates import format_chatml
 from mptkit.inference.prompts import stop_token_ids
 from mptkit.inference.sampling import SamplingParams
 
-from .engine import Engine, Event, Job
+from mptkit.inference.text import FINISH_CANCELLED
+
+from .engine import DEADLINE_EXCEEDED, DEFAULT_MAX_BODY_BYTES, Draining, Event, Job, QueueFull
+from .metrics import ServerMetrics
 from .protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -37,30 +51,56 @@ from .protocol import (
 )
 
 DISCONNECT_POLL_S = 0.25
+TOKENIZER_THREADS = 2
+RETRY_AFTER_S = 1
+OPEN_PATHS = frozenset({"/health"})  # answered without the API key (load balancers' probes)
+_STATUS_OUTCOMES = {401: "unauthorized", 413: "too_large", 429: "rejected", 503: "unavailable", 504: "timeout"}
 
 
 class GenerationFailed(RuntimeError):
     """The engine could not generate (a server fault, not the request's)."""
 
 
-def create_app(engine: Engine, model_name: str) -> FastAPI:
-    app = FastAPI(title="mptkit", docs_url=None, redoc_url=None)
-    # the engine's worker thread decodes with `engine.tokenizer`; requests encode with a copy, since
-    # a fast tokenizer may not be used from two threads at once
-    tokenizer = copy.deepcopy(engine.tokenizer)
+class _Expired(RequestError):
+    """A request past its deadline (its outcome is counted where it is raised)."""
+
+
+def create_app(engine, model_name: str, *, api_key: str | None = None,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, request_timeout: float | None = None,
+               metrics: ServerMetrics | None = None) -> FastAPI:
+    """The app over a started `Engine` or `StaticEngine`."""
+    metrics = metrics or ServerMetrics()
+    metrics.watch(engine)
+    engine.observer = metrics
+    workers = concurrent.futures.ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="mptkit-tokenize")
+    tokenizers = _ThreadTokenizers(engine.tokenizer)
+    vocab_size = engine.decoder.config.vocab_size
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        workers.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="mptkit", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes, metrics=metrics)
     created = int(time.time())
 
     @app.exception_handler(RequestError)
     async def _request_error(_: Request, error: RequestError):
-        return JSONResponse(error.body(), status_code=error.status)
+        if not isinstance(error, _Expired):
+            metrics.outcome(_STATUS_OUTCOMES.get(error.status, "invalid"))
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, error: StarletteHTTPException):
+        metrics.outcome("invalid")
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code)
         return JSONResponse(error_body(str(error.detail), code=code), status_code=error.status_code)
 
     @app.exception_handler(Exception)
     async def _internal_error(_: Request, error: Exception):
+        if not isinstance(error, GenerationFailed):  # counted where it was raised
+            metrics.outcome("error")
         return JSONResponse(error_body(f"internal error: {type(error).__name__}", type_="server_error"), 500)
 
     @app.get("/v1/models")
@@ -68,41 +108,150 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
         card = {"id": model_name, "object": "model", "created": created, "owned_by": "mptkit"}
         return {"object": "list", "data": [card]}
 
+    @app.get("/health")
+    async def health():
+        ready = engine.ready.is_set() and not engine.draining
+        status = "draining" if engine.draining else "ok" if ready else "starting"
+        body = {"status": status, "alive": True, "ready": ready, "model_loaded": True, "compiled": engine.compiled,
+                "warmup_seconds": round(engine.warmup_seconds, 3)}
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        return Response(metrics.render(), media_type=metrics.content_type)
+
     @app.get("/stats")
     async def stats():
         return engine.stats_dict()
 
+    async def prepare(function, request: Request) -> "_Prepared":
+        raw = await request.body()
+        loop = asyncio.get_running_loop()
+        # the lambda runs in the worker thread, so it takes that thread's tokenizer
+        return await loop.run_in_executor(
+            workers, lambda: function(raw, tokenizers.get(), vocab_size, engine.context_length))
+
+    def submit(prepared: "_Prepared") -> list[Job]:
+        loop = asyncio.get_running_loop()
+        deadline = None if request_timeout is None else time.monotonic() + request_timeout
+        jobs = [Job(p, prepared.params, prepared.stops, loop, deadline) for p in prepared.prompts]
+        try:
+            return engine.submit(jobs)
+        except QueueFull as e:
+            raise RequestError(f"The server is busy ({e}); retry later.", code="queue_full", status=429,
+                               type_="server_busy", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        except Draining:
+            raise RequestError("The server is shutting down.", code="shutting_down", status=503,
+                               type_="server_unavailable") from None
+
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = _parse(CompletionRequest, await request.body())
-        prompts = _completion_prompts(body.prompt, tokenizer, engine.decoder.config.vocab_size)
-        max_new = _max_new_tokens(body.max_tokens, max(len(p) for p in prompts), engine.context_length, "max_tokens")
-        params = _sampling_params(body, max_new)
-        stops = stop_token_ids(tokenizer, "none")
-        jobs = [engine.submit(Job(p, params, stops, asyncio.get_running_loop())) for p in prompts]
-        reply = _Reply("cmpl", "text_completion", model_name, body, jobs)
-        if body.stream:
+        prepared = await prepare(_prepare_completion, request)
+        reply = _Reply("cmpl", "text_completion", model_name, prepared.body, submit(prepared), metrics)
+        if prepared.body.stream:
             return _sse(reply.completion_chunks(request))
         return await reply.completion(request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = _parse(ChatCompletionRequest, await request.body())
-        messages = [{"role": _chatml_role(m.role), "content": m.text()} for m in body.messages]
-        prompt = tokenizer(format_chatml(messages, add_generation_prompt=True))["input_ids"]
-        if body.max_tokens is not None and body.max_completion_tokens is not None:
-            raise RequestError("Give max_tokens or max_completion_tokens, not both.", "max_completion_tokens")
-        requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-        max_new = _max_new_tokens(requested, len(prompt), engine.context_length, param, messages=True)
-        params = _sampling_params(body, max_new)
-        job = engine.submit(Job(prompt, params, stop_token_ids(tokenizer, "chat"), asyncio.get_running_loop()))
-        reply = _Reply("chatcmpl", "chat.completion", model_name, body, [job])
-        if body.stream:
+        prepared = await prepare(_prepare_chat, request)
+        reply = _Reply("chatcmpl", "chat.completion", model_name, prepared.body, submit(prepared), metrics)
+        if prepared.body.stream:
             return _sse(reply.chat_chunks(request))
         return await reply.chat(request)
 
     return app
+
+
+class _ThreadTokenizers:
+    """A copy of the tokenizer per thread: a fast tokenizer may not be used from two threads at
+    once (the engine thread detokenizes with the original)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.local = threading.local()
+        self.lock = threading.Lock()
+
+    def get(self):
+        """The calling thread's copy."""
+        if not hasattr(self.local, "tokenizer"):
+            with self.lock:
+                self.local.tokenizer = copy.deepcopy(self.tokenizer)
+        return self.local.tokenizer
+
+
+class _Guard:
+    """ASGI middleware: the API key, and the body-size limit enforced while the body streams in."""
+
+    def __init__(self, app, api_key: str | None, max_body_bytes: int, metrics: ServerMetrics):
+        self.app, self.api_key, self.limit, self.metrics = app, api_key, max_body_bytes, metrics
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        if self.expected is not None and scope["path"] not in OPEN_PATHS:
+            if not hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
+                self.metrics.outcome("unauthorized")
+                message = "Incorrect or missing API key: send the header 'Authorization: Bearer <key>'."
+                return await _send_json(send, 401, error_body(message, code="invalid_api_key"),
+                                        [(b"www-authenticate", b"Bearer")])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            self.metrics.outcome("too_large")
+            return await _send_json(send, 413, self._too_large().body(), [(b"connection", b"close")])
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise self._too_large()  # answered by the app's RequestError handler
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+    def _too_large(self) -> RequestError:
+        return RequestError(f"The request body is larger than this server's limit of {self.limit} bytes.",
+                            code="request_too_large", status=413)
+
+
+async def _send_json(send, status: int, body: dict, headers: list[tuple[bytes, bytes]]) -> None:
+    content = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode()),
+                            *headers]})
+    await send({"type": "http.response.body", "body": content})
+
+
+@dataclass
+class _Prepared:
+    body: CompletionRequest | ChatCompletionRequest
+    prompts: list[list[int]]
+    params: SamplingParams
+    stops: frozenset[int]
+
+
+def _prepare_completion(raw: bytes, tokenizer, vocab_size: int, context: int) -> _Prepared:
+    body = _parse(CompletionRequest, raw)
+    prompts = _completion_prompts(body.prompt, tokenizer, vocab_size)
+    max_new = _max_new_tokens(body.max_tokens, max(len(p) for p in prompts), context, "max_tokens")
+    return _Prepared(body, prompts, _sampling_params(body, max_new), stop_token_ids(tokenizer, "none"))
+
+
+def _prepare_chat(raw: bytes, tokenizer, vocab_size: int, context: int) -> _Prepared:
+    body = _parse(ChatCompletionRequest, raw)
+    messages = [{"role": _chatml_role(m.role), "content": m.text()} for m in body.messages]
+    prompt = tokenizer(format_chatml(messages, add_generation_prompt=True))["input_ids"]
+    if body.max_tokens is not None and body.max_completion_tokens is not None:
+        raise RequestError("Give max_tokens or max_completion_tokens, not both.", "max_completion_tokens")
+    requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    max_new = _max_new_tokens(requested, len(prompt), context, param, messages=True)
+    return _Prepared(body, [prompt], _sampling_params(body, max_new), stop_token_ids(tokenizer, "chat"))
 
 
 # ---- request checks ----------------------------------------------------------------------------
@@ -195,6 +344,8 @@ def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
                 yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
         except GenerationFailed as e:  # generation failed after the 200 was sent: say so in the stream
             yield f"data: {json.dumps(error_body(str(e), type_='server_error'))}\n\n"
+        except RequestError as e:  # past its deadline after the 200 was sent
+            yield f"data: {json.dumps(e.body())}\n\n"
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -203,7 +354,8 @@ def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
 class _Reply:
     """Collects the events of a request's jobs into OpenAI responses or stream chunks."""
 
-    def __init__(self, prefix: str, kind: str, model_name: str, body, jobs: list[Job]):
+    def __init__(self, prefix: str, kind: str, model_name: str, body, jobs: list[Job], metrics: ServerMetrics):
+        self.metrics = metrics
         self.id = f"{prefix}-{uuid.uuid4().hex}"
         self.kind = kind
         self.model = model_name
@@ -237,6 +389,7 @@ class _Reply:
         tasks = [asyncio.create_task(forward(i, job)) for i, job in enumerate(self.jobs)]
         remaining = len(self.jobs)
         checked = time.monotonic()
+        outcome, cut_off = None, False  # None: the client left
         try:
             while remaining:
                 try:
@@ -249,12 +402,20 @@ class _Reply:
                         return
                 if event is None:
                     continue
+                if event.error_code == DEADLINE_EXCEEDED:
+                    outcome = "timeout"
+                    raise _Expired(f"The request ran past this server's deadline; {event.completion_tokens} tokens "
+                                   "were generated.", code=DEADLINE_EXCEEDED, status=504, type_="timeout_error")
                 if event.error is not None:
+                    outcome = "error"
                     raise GenerationFailed(event.error)
                 if event.finish_reason is not None:
                     remaining -= 1
+                    cut_off |= event.finish_reason == FINISH_CANCELLED  # by the server, shutting down
                 yield index, event
+            outcome = "cancelled" if cut_off else "ok"
         finally:
+            self.metrics.outcome(outcome or "cancelled")
             self._cancel()  # a no-op for finished jobs; stops the others (client gone, or an error)
             for task in tasks:
                 task.cancel()

@@ -1,35 +1,66 @@
-"""`mptkit serve MODEL`: the OpenAI-compatible server on a loopback address.
+"""`mptkit serve MODEL`: the OpenAI-compatible server.
 
-    mptkit serve out/mpt-125m --port 8000 --compile
+    mptkit serve out/mpt-125m --port 8000
     curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
         -d '{"model": "mpt-125m", "prompt": "ALiBi is", "max_tokens": 32}'
+    mptkit serve out/mpt-125m --host 0.0.0.0 --api-key "$KEY"    # other machines: with a key only
+
+The decode step is compiled at start-up where that works (a C++ compiler on CPU, Triton on CUDA;
+`--no-compile` to skip); /health answers 503 until it is done, and requests sent meanwhile wait.
+SIGTERM (or Ctrl-C) stops admitting, lets running requests finish for `--shutdown-timeout`
+seconds, cancels the rest and exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import ipaddress
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 
+from mptkit.inference.batching import DEFAULT_PREFILL_CHUNK
 from mptkit.inference.options import ModelOptions, add_model_arguments, build_generator
-from mptkit.serve.engine import DEFAULT_MAX_BATCH_SIZE
+from mptkit.serve.engine import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE
+
+DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
+SCHEDULERS = ("continuous", "static")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mptkit serve", description="OpenAI-compatible HTTP server.")
     add_model_arguments(parser)
-    parser.add_argument("--host", default="127.0.0.1", help="a loopback address (the server has no authentication)")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="do not compile the decode step at start-up (it is compiled where a compiler exists)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on; anything but loopback (127.0.0.1, ::1, localhost) needs --api-key")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health")
     parser.add_argument("--model-name", help="the id reported by /v1/models (default: the directory name)")
-    parser.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE, help="requests decoded together")
+    parser.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE,
+                        help="requests decoded together (KV-cache slots)")
+    parser.add_argument("--scheduler", choices=SCHEDULERS, default="continuous",
+                        help="continuous: per-iteration batching (default); static: one batch at a time (the old one)")
+    parser.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
+                        help="prompt tokens prefilled per decode step")
+    parser.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
+                        help="requests waiting for a slot before new ones get 429")
+    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                        help="larger request bodies get 413")
+    parser.add_argument("--request-timeout", type=float,
+                        help="seconds a request may take before it is stopped (504); default: no limit")
+    parser.add_argument("--shutdown-timeout", type=float, default=DEFAULT_SHUTDOWN_TIMEOUT_S,
+                        help="seconds running requests get to finish after SIGTERM")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     return parser
 
 
 def check_loopback(host: str) -> None:
-    """The server has no authentication: it listens only where other machines cannot reach it."""
+    """Without an API key the server listens only where other machines cannot reach it."""
     if host == "localhost":
         return
     try:
@@ -37,27 +68,103 @@ def check_loopback(host: str) -> None:
     except ValueError:
         loopback = False
     if not loopback:
-        raise ValueError(f"--host {host}: only loopback addresses (127.0.0.1, ::1, localhost) are served")
+        raise ValueError(f"--host {host}: only loopback addresses (127.0.0.1, ::1, localhost) are served "
+                         "without --api-key")
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    if args.api_key is None:
+        check_loopback(args.host)
+    elif not args.api_key.strip():
+        raise ValueError("--api-key: must not be empty")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port {args.port}: expected 0..65535")
+    for name in ("max_batch_size", "prefill_chunk", "max_queue", "max_body_bytes"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected >= 1")
+    if args.request_timeout is not None and args.request_timeout <= 0:
+        raise ValueError(f"--request-timeout {args.request_timeout}: expected > 0")
+    if args.compile and args.no_compile:
+        raise ValueError("--compile and --no-compile contradict each other")
+
+
+def _build_engine(args: argparse.Namespace):
+    from mptkit.inference.batching import compile_unavailable_reason
+
+    from .engine import Engine, StaticEngine
+
+    options = ModelOptions.from_args(args)
+    if args.scheduler == "static":  # as it always was: compiled (lazily, per batch shape) only with --compile
+        decoder, tokenizer = build_generator(options)
+        return StaticEngine(decoder, tokenizer, max_batch_size=args.max_batch_size, max_queue=args.max_queue)
+    decoder, tokenizer = build_generator(dataclasses.replace(options, compile=False))  # the pool compiles its own
+    compile = not args.no_compile
+    if compile and (reason := compile_unavailable_reason(decoder.device)) is not None:
+        if args.compile:
+            raise ValueError(f"--compile: {reason}")
+        print(f"mptkit serve: decoding uncompiled: {reason}", file=sys.stderr)
+        compile = False
+    engine = Engine(decoder, tokenizer, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+                    prefill_chunk=args.prefill_chunk, compile=compile)
+    if compile:
+        buckets = engine.scheduler.pool.buckets
+        print(f"mptkit serve: compiling the decode step for {args.max_batch_size} slots x key lengths "
+              f"{', '.join(map(str, buckets))} ({len(buckets)} graphs); /health is 503 until it is done",
+              file=sys.stderr, flush=True)
+    return engine
+
+
+def _report_ready(engine) -> None:
+    engine.ready.wait()
+    if engine.compiled:
+        print(f"mptkit serve: decode step compiled in {engine.warmup_seconds:.1f} s; ready", file=sys.stderr, flush=True)
 
 
 def main(command: str, argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     try:
-        check_loopback(args.host)
-        if not 0 <= args.port <= 65535:
-            raise ValueError(f"--port {args.port}: expected 0..65535")
+        _check_arguments(args)
         import uvicorn
 
         from .app import create_app
-        from .engine import Engine
 
-        decoder, tokenizer = build_generator(ModelOptions.from_args(args))
-        engine = Engine(decoder, tokenizer, max_batch_size=args.max_batch_size)
+        engine = _build_engine(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"mptkit {command}: error: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    app = create_app(engine, args.model_name or Path(args.model).resolve().name)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    engine.start()
+    threading.Thread(target=_report_ready, args=(engine,), daemon=True).start()
+    app = create_app(engine, args.model_name or Path(args.model).resolve().name, api_key=args.api_key,
+                     max_body_bytes=args.max_body_bytes, request_timeout=args.request_timeout)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=args.shutdown_timeout)
+    _graceful_server(uvicorn.Server, engine)(config).run()
     engine.shutdown()
     return 0
+
+
+def _graceful_server(base, engine):
+    """uvicorn's Server, made to exit 0 on SIGTERM/SIGINT after its graceful shutdown (uvicorn
+    re-raises the signal once it has shut down, which ends the process with -15), and to stop the
+    engine admitting requests as soon as the signal comes."""
+
+    class GracefulServer(base):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            handled = (signal.SIGINT, signal.SIGTERM)
+            original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+            try:
+                yield
+            finally:
+                for sig, handler in original.items():
+                    signal.signal(sig, handler)
+
+        def handle_exit(self, sig, frame):
+            engine.drain()
+            super().handle_exit(sig, frame)
+
+    return GracefulServer

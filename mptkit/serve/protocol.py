@@ -102,14 +102,17 @@ def error_body(message: str, param: str | None = None, code: str | None = None,
 
 
 class RequestError(Exception):
-    """An invalid request: answered with HTTP `status` and an OpenAI-style error body."""
+    """A request we do not serve: answered with HTTP `status`, an OpenAI-style error body of
+    `type_` and any `headers` (e.g. Retry-After)."""
 
-    def __init__(self, message: str, param: str | None = None, code: str | None = None, status: int = 400):
+    def __init__(self, message: str, param: str | None = None, code: str | None = None, status: int = 400,
+                 type_: str = "invalid_request_error", headers: dict[str, str] | None = None):
         super().__init__(message)
         self.message, self.param, self.code, self.status = message, param, code, status
+        self.type, self.headers = type_, headers
 
     def body(self) -> dict:
-        return error_body(self.message, self.param, self.code)
+        return error_body(self.message, self.param, self.code, self.type)
 
 
 def _is_union_tag(part) -> bool:
