@@ -144,21 +144,21 @@ def create_app(engine, model_name: str, *, api_key: str | None = None,
             raise RequestError("The server is shutting down.", code="shutting_down", status=503,
                                type_="server_unavailable") from None
 
+    async def answer(request: Request, chat: bool):
+        prepared = await prepare(_prepare_chat if chat else _prepare_completion, request)
+        prefix, kind = ("chatcmpl", "chat.completion") if chat else ("cmpl", "text_completion")
+        reply = _Reply(prefix, kind, model_name, prepared.body, submit(prepared), metrics)
+        if prepared.body.stream:
+            return _sse(reply.chat_chunks(request) if chat else reply.completion_chunks(request))
+        return await (reply.chat(request) if chat else reply.completion(request))
+
     @app.post("/v1/completions")
     async def completions(request: Request):
-        prepared = await prepare(_prepare_completion, request)
-        reply = _Reply("cmpl", "text_completion", model_name, prepared.body, submit(prepared), metrics)
-        if prepared.body.stream:
-            return _sse(reply.completion_chunks(request))
-        return await reply.completion(request)
+        return await answer(request, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        prepared = await prepare(_prepare_chat, request)
-        reply = _Reply("chatcmpl", "chat.completion", model_name, prepared.body, submit(prepared), metrics)
-        if prepared.body.stream:
-            return _sse(reply.chat_chunks(request))
-        return await reply.chat(request)
+        return await answer(request, chat=True)
 
     return app
 
