@@ -159,7 +159,8 @@ class _EngineBase:
         self.drain()
         self._incoming.put(None)
         if self._thread.is_alive():
-            self._thread.join(timeout=timeout)
+            # a warm-up cannot be interrupted mid-compile: do not wait for it (the thread is a daemon)
+            self._thread.join(timeout=timeout if self.ready.is_set() else 1.0)
 
     def stats_dict(self) -> dict:
         with self._lock:
