@@ -1,4 +1,5 @@
-"""`mptkit export SOURCE OUT_DIR`: a training checkpoint (or any model mptkit reads) in HF format."""
+"""`mptkit export SOURCE OUT`: a training checkpoint (or any model mptkit reads) in HF format, or as a
+GGUF file for llama.cpp (`--format gguf`)."""
 
 from __future__ import annotations
 
@@ -6,34 +7,60 @@ import argparse
 import sys
 from pathlib import Path
 
+from .gguf import DEFAULT_OUTTYPE, OUTTYPES
 from .hf import EXPORT_DTYPES
+
+FORMATS = ("hf", "gguf")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mptkit export",
         description="Write a model as an HF-format directory (config.json, safetensors, the model's source "
-                    "for trust_remote_code, tokenizer).",
+                    "for trust_remote_code, tokenizer) or, with --format gguf, as one GGUF file for llama.cpp "
+                    "(and Ollama, LM Studio).",
     )
     parser.add_argument("source", help="a training checkpoint (step_* directory), a directory of them (its newest), "
                                        "or an HF-format model directory")
-    parser.add_argument("out_dir")
-    parser.add_argument("--dtype", choices=EXPORT_DTYPES, default=EXPORT_DTYPES[0],
-                        help="weight dtype to write (training keeps fp32 weights)")
-    parser.add_argument("--no-tokenizer", action="store_true", help="do not save the tokenizer beside the model")
+    parser.add_argument("out", help="hf: the output directory; gguf: the .gguf file, or a directory "
+                                    "(model-<outtype>.gguf inside)")
+    parser.add_argument("--format", choices=FORMATS, default="hf", help="what to write (default: hf)")
+    parser.add_argument("--dtype", choices=EXPORT_DTYPES, default=None,
+                        help=f"hf: weight dtype to write (default {EXPORT_DTYPES[0]}; training keeps fp32 weights)")
+    parser.add_argument("--outtype", choices=OUTTYPES, default=None,
+                        help=f"gguf: weight type of the matrices (default {DEFAULT_OUTTYPE}; 1-D tensors stay f32, as llama.cpp's "
+                             "converter keeps them)")
+    parser.add_argument("--no-tokenizer", action="store_true",
+                        help="hf: do not save the tokenizer beside the model (a GGUF file always carries it)")
     return parser
+
+
+def _check_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.format == "gguf" and (args.dtype is not None or args.no_tokenizer):
+        parser.error("--dtype and --no-tokenizer are for --format hf; a GGUF export takes --outtype")
+    if args.format == "hf" and args.outtype is not None:
+        parser.error("--outtype is for --format gguf; an HF export takes --dtype")
 
 
 def main(command: str, argv: list[str]) -> int:
     if command != "export":
         raise ValueError(f"mptkit.export.commands handles 'export', not {command!r}")
-    args = _parser().parse_args(argv)
-    from .hf import export_hf
-
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _check_options(parser, args)
     try:
-        source = export_hf(args.source, args.out_dir, dtype=args.dtype, with_tokenizer=not args.no_tokenizer)
-    except (ValueError, FileNotFoundError) as exc:
+        if args.format == "gguf":
+            from .gguf import export_gguf
+
+            source, written = export_gguf(args.source, args.out, outtype=args.outtype or DEFAULT_OUTTYPE)
+        else:
+            from .hf import export_hf
+
+            source = export_hf(args.source, args.out, dtype=args.dtype or EXPORT_DTYPES[0],
+                               with_tokenizer=not args.no_tokenizer)
+            written = Path(args.out)
+    except (ValueError, FileNotFoundError, ImportError) as exc:
         print(f"mptkit export: {exc}", file=sys.stderr)
         return 2
-    print(f"[mptkit export] {source.path} -> {Path(args.out_dir)}")
+    print(f"[mptkit export] {source.path} -> {written}")
     return 0
