@@ -111,6 +111,7 @@ def _serve_answers(command: str, cwd: Path) -> None:
         server.wait(timeout=30)
 
 
+@pytest.mark.slow  # ~15 minutes on 2 shared cores: most of it is the extrapolation sweep over a whole book
 def test_the_readme_quickstart_and_config_headers_run_as_written(tmp_path):
     """README first (its tiny pretraining and instruct runs are also tiny.yaml's and instruct.yaml's
     header commands), then the remaining header commands: chat.yaml, and tiny.yaml's two-process
