@@ -28,8 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=EXPORT_DTYPES, default=None,
                         help=f"hf: weight dtype to write (default {EXPORT_DTYPES[0]}; training keeps fp32 weights)")
     parser.add_argument("--outtype", choices=OUTTYPES, default=None,
-                        help=f"gguf: weight type of the matrices (default {DEFAULT_OUTTYPE}; 1-D tensors stay f32, as llama.cpp's "
-                             "converter keeps them)")
+                        help=f"gguf: weight type of the matrices (default {DEFAULT_OUTTYPE}; 1-D tensors stay f32, "
+                             "as llama.cpp's converter keeps them)")
     parser.add_argument("--no-tokenizer", action="store_true",
                         help="hf: do not save the tokenizer beside the model (a GGUF file always carries it)")
     return parser

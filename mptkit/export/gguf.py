@@ -6,12 +6,13 @@ converter gives an MPT model (architecture "mpt"), so that llama.cpp's MPT graph
 (`src/models/mpt.cpp`) runs it. What that graph computes, and so what this module accepts:
 - pre-LN blocks with LayerNorm (weight, optional bias) and a fused `attn_qkv` of n_embd + 2 *
   n_embd_kv rows (multi-head, grouped- or multi-query), clamped to +-clamp_kqv before the Q/K/V
-  split (MPT's clip_qkv), scale 1/sqrt(head_dim), ALiBi from max_alibi_bias (ggml's slopes are MPT's for every head count),
-  a learned `position_embd` table when present, an up -> GELU -> down FFN of any width, optional
-  biases everywhere, an untied `output` or the tied `token_embd`;
+  split (MPT's clip_qkv), scale 1/sqrt(head_dim), ALiBi from max_alibi_bias (ggml's slopes are
+  MPT's for every head count), a learned `position_embd` table when present, an up -> GELU -> down
+  FFN of any width, optional biases everywhere, an untied `output` or the tied `token_embd`;
 - nothing else: no RoPE, no gated FFN, no RMSNorm, no logit scale, no prefix-LM or sliding-window
   mask, no other softmax scale, and no qk_ln (its q/k norm branch aborts on a batch of more than one
-  token in the llama.cpp of llama-cpp-python 0.3.36). Such configs are refused naming the field (`unsupported_fields`).
+  token in the llama.cpp of llama-cpp-python 0.3.36). Such configs are refused naming the field
+  (`unsupported_fields`).
 One difference no config can avoid: ggml's CPU GELU is the tanh approximation looked up from an
 fp16-rounded input (ggml-cpu/vec.h), MPT's the exact erf GELU; it bounds f32 parity (docs/benchmarks.md).
 
