@@ -78,7 +78,7 @@ def _argv(command: str) -> list[str]:
     return argv
 
 
-def run_documented(command: str, cwd: Path, stdin: str = "", timeout: int = 600) -> str:
+def run_documented(command: str, cwd: Path, stdin: str = "", timeout: int = 1800) -> str:
     done = subprocess.run(_argv(command), cwd=cwd, input=stdin, capture_output=True, text=True,
                           timeout=timeout, env=ENV)
     assert done.returncode == 0, f"`{command}` failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
