@@ -14,7 +14,7 @@ DOC = PACKAGE.parent / "docs" / "architecture.md"
 # entry points reach, so that reading a model never pulls in the training stack.
 LAYERS = (
     ("model",),
-    ("data",),
+    ("data", "adapters"),
     ("loading",),
     ("export", "inference", "eval", "train"),
     ("serve",),

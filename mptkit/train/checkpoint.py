@@ -6,6 +6,8 @@ Layout of a checkpoint directory `step_00000100/`:
                                    each rank's RNG states
     model_config.json              the MPTConfig, so `mptkit export` can rebuild the model
     run_config.yaml                the training config that wrote it
+A LoRA run's DCP holds only the trainable parameters (the adapters) and their optimizer state;
+beside it the run writes its extra files: the base's identity and the PEFT adapter (train/lora.py).
 
 Atomicity: every rank writes into `.tmp-step_00000100/`; once DCP has written its `.metadata`
 (after all ranks finished), rank 0 fsyncs and renames the directory to its final name. A crash at
@@ -56,9 +58,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_synced(path: Path, text: str) -> None:
-    with open(path, "w") as handle:
-        handle.write(text)
+def _write_synced(path: Path, content: str | bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(content.encode() if isinstance(content, str) else content)
         handle.flush()
         os.fsync(handle.fileno())
 
@@ -83,12 +85,16 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
 
 
 class Checkpointer:
-    """Saves and restores the whole training state; keeps the newest `keep_last_n`."""
+    """Saves and restores the whole training state; keeps the newest `keep_last_n`.
 
-    def __init__(self, directory: Path, keep_last_n: int, env: DistributedEnv):
+    `trainable_only`: frozen parameters (a LoRA run's base) are neither saved nor loaded.
+    """
+
+    def __init__(self, directory: Path, keep_last_n: int, env: DistributedEnv, trainable_only: bool = False):
         self.directory = Path(directory)
         self.keep_last_n = keep_last_n
         self.env = env
+        self.options = StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)
 
     def remove_incomplete(self) -> None:
         """Delete temp directories left by a crash during a save."""
@@ -99,7 +105,7 @@ class Checkpointer:
         barrier(self.env)
 
     def _state(self, model, optimizer, scheduler, trainer: dict, data: dict) -> dict[str, Any]:
-        model_state, optimizer_state = get_state_dict(model, optimizer)
+        model_state, optimizer_state = get_state_dict(model, optimizer, options=self.options)
         return {
             "model": model_state,
             "optimizer": optimizer_state,
@@ -112,7 +118,9 @@ class Checkpointer:
         }
 
     def save(self, step: int, model, optimizer, scheduler, trainer: dict, data: dict,
-             model_config_json: str, run_config: dict) -> Path:
+             model_config_json: str, run_config: dict, extra_files: dict[str, bytes] | None = None) -> Path:
+        """Write the checkpoint of `step` atomically; `extra_files` (relative path -> content, given
+        on rank 0) are written inside it before it gets its final name."""
         final = self.directory / checkpoint_name(step)
         temp = self.directory / f"{_TEMP_PREFIX}{final.name}"
         if self.env.is_main:
@@ -126,6 +134,10 @@ class Checkpointer:
         if self.env.is_main:
             _write_synced(temp / TRAINING_MODEL_CONFIG, model_config_json)
             _write_synced(temp / TRAINING_RUN_CONFIG, yaml.safe_dump(run_config, sort_keys=False))
+            for name, content in (extra_files or {}).items():
+                (temp / name).parent.mkdir(parents=True, exist_ok=True)
+                _write_synced(temp / name, content)
+                _fsync_dir((temp / name).parent)
             _fsync_dir(temp)
             if final.exists():  # the same step saved before (a resumed run that ends where it began)
                 stale = self.directory / f"{_TEMP_PREFIX}old-{final.name}"
@@ -151,7 +163,8 @@ class Checkpointer:
             del state[rng_key]
         with single_process_quietly():
             dcp.load(state, checkpoint_id=path, no_dist=not self.env.is_distributed)
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                       options=self.options)
         scheduler.load_state_dict(state["scheduler"])
         if rng_key in state:
             set_rng_state(state[rng_key], self.env.device)

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from mptkit.adapters import DEFAULT_TARGET_MODULES
+
 # The one ConfigError family: the model's error class, raised here too (with the file:line in `where`).
 from mptkit.model.configuration_mpt import ConfigError
 
@@ -162,6 +164,22 @@ class AnomalyConfig:
 
 
 @dataclass
+class LoraConfig:
+    # LoRA (Hu et al. 2021) through peft: the model's weights stay frozen and each target Linear
+    # learns a low-rank update (alpha / rank) * B @ A; only A and B (and modules_to_save) train.
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    # Names of the layers to adapt (the last part of their module path); MPT's four projections.
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
+    # Modules trained in full beside the adapters (e.g. norm_f, or wte), saved with the adapter.
+    modules_to_save: list[str] = field(default_factory=list)
+    # The frozen base's block projections: as they are (in the precision's dtype), int8 (any
+    # device, one process) or nf4 (QLoRA: bitsandbytes, CUDA only).
+    base_quantization: Literal["none", "int8", "nf4"] = "none"
+
+
+@dataclass
 class RunConfig:
     name: str = "mptkit-run"
     output_dir: str = "out/run"
@@ -176,6 +194,8 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     anomaly: AnomalyConfig = field(default_factory=AnomalyConfig)
+    # Set (even as `lora: {}`) to train LoRA adapters on a frozen base instead of every weight.
+    lora: LoraConfig | None = None
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -292,3 +312,47 @@ def _check_relations(config: RunConfig, origins: typed_yaml.Origins) -> None:
         origins.fail("anomaly.spike_factor", f"expected 0 (off) or a factor > 1, got {config.anomaly.spike_factor}")
     if not config.data.train:
         origins.fail("data.train", "no training data: give a shard directory or files")
+    if config.lora is not None:
+        _check_lora(config, origins)
+
+
+def _check_lora(config: RunConfig, origins: typed_yaml.Origins) -> None:
+    lora = config.lora
+    if lora.rank <= 0:
+        origins.fail("lora.rank", f"expected a positive integer, got {lora.rank}")
+    if lora.alpha <= 0:
+        origins.fail("lora.alpha", f"expected a positive number, got {lora.alpha}")
+    if not 0.0 <= lora.dropout < 1.0:
+        origins.fail("lora.dropout", f"expected a value in [0, 1), got {lora.dropout}")
+    if not lora.target_modules:
+        origins.fail("lora.target_modules", "no modules to adapt; MPT's are " + ", ".join(DEFAULT_TARGET_MODULES))
+    if lora.base_quantization == "nf4":
+        import torch
+
+        if config.train.device == "cpu" or not torch.cuda.is_available():
+            origins.fail("lora.base_quantization", "nf4 needs CUDA (bitsandbytes' 4-bit kernels); on CPU use int8")
+    if config.model.init_from is None:  # an init_from model's modules are known only when the run reads it
+        for key, message in lora_problems(lora, config.model.preset_config()):
+            origins.fail(key, message)
+
+
+def lora_problems(lora: LoraConfig, model_config: MPTConfig) -> list[tuple[str, str]]:
+    """(key, why) for each module of the lora section that this model cannot have adapted or saved."""
+    import torch
+
+    from mptkit.adapters import module_names, target_problem
+    from mptkit.model import MPTForCausalLM
+
+    with torch.device("meta"):
+        model = MPTForCausalLM(model_config)
+    problems = [("lora.target_modules", problem) for name in lora.target_modules
+                if (problem := target_problem(model, name)) is not None]
+    names = module_names(model)
+    for name in lora.modules_to_save:
+        if name not in names:
+            problems.append(("lora.modules_to_save", f"no module of this model is called {name!r}"
+                             f"{typed_yaml.suggest(name, names)}; its modules with weights are {', '.join(sorted(names))}"))
+        elif name in lora.target_modules:
+            problems.append(("lora.modules_to_save", f"{name} is also in lora.target_modules: a module is either "
+                             "adapted or trained whole"))
+    return problems

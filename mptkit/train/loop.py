@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from mptkit.adapters import BaseIdentity, read_base_identity
 from mptkit.loading import (
     ModelSource,
     find_source,
@@ -48,6 +49,7 @@ from mptkit.loading import (
 from mptkit.model import MPTConfig, MPTForCausalLM
 from mptkit.model.configuration_mpt import merge_config_fields
 
+from . import lora
 from .checkpoint import Checkpointer, load_full_model_state
 from .config import AnomalyConfig, ConfigError, RunConfig
 from .data import build_train_stream, build_val_source
@@ -66,6 +68,7 @@ class TrainResult:
     losses: dict[int, float] = field(default_factory=dict)  # step -> train loss, steps run here
     val_loss: float | None = None
     checkpoint: Path | None = None
+    adapter: Path | None = None  # a LoRA run's PEFT adapter (output_dir/adapter)
 
 
 # ---- model --------------------------------------------------------------------------------------
@@ -76,9 +79,14 @@ def init_source(config: RunConfig) -> ModelSource | None:
     if config.model.init_from is None:
         return None
     try:
-        return find_source(config.model.init_from)
+        source = find_source(config.model.init_from)
     except FileNotFoundError as exc:
         raise ConfigError(str(exc), field="init_from", scope="model") from None
+    if source.format == "training-checkpoint" and (base := read_base_identity(source.path)) is not None:
+        raise ConfigError(f"{source.path} is a LoRA run's checkpoint: it holds adapter weights only. Start from its "
+                          f"base ({base.short()}), or merge the adapter into it first (mptkit export BASE OUT "
+                          "--merge-lora ADAPTER)", field="init_from", scope="model")
+    return source
 
 
 def resolve_model_config(config: RunConfig) -> MPTConfig:
@@ -90,20 +98,45 @@ def resolve_model_config(config: RunConfig) -> MPTConfig:
     return MPTConfig.from_dict(merge_config_fields(read_config_fields(source), section.overrides))
 
 
-def _initial_state(config: RunConfig, model_config: MPTConfig) -> dict[str, torch.Tensor]:
-    """Full starting weights, built on CPU so that they do not depend on device or world size."""
-    if (source := init_source(config)) is not None:
-        return load_hf_mpt(source, model_config).state_dict()
+def initial_model(config: RunConfig, model_config: MPTConfig, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The starting weights in a model on CPU, so that they do not depend on device or world size:
+    init_from's (an HF-format directory or a training checkpoint), or the preset's seeded initialisation."""
+    source = init_source(config)
+    if source is not None and source.format == "hf":
+        return load_hf_mpt(source, model_config, dtype)
     with torch.device("meta"):
-        model = MPTForCausalLM(model_config)
+        model = MPTForCausalLM(model_config).to(dtype if source is None else torch.float32)
     model.to_empty(device="cpu")
+    if source is not None:
+        load_dcp_model_weights(model, source.path)
+        return model.to(dtype)
     torch.manual_seed(config.seed)
     model.reset_parameters()
-    return model.state_dict()
+    return model
 
 
-def build_model(config: RunConfig, model_config: MPTConfig, env: DistributedEnv, initialize: bool) -> nn.Module:
-    """Meta-device model -> parallelize -> allocate -> initial weights (unless a resume loads them)."""
+def _build_lora_model(config: RunConfig, model_config: MPTConfig, env: DistributedEnv,
+                      identity: BaseIdentity) -> nn.Module:
+    """The frozen base with adapters, always initialised (a LoRA checkpoint holds the adapters only):
+    built on CPU in one process; under FSDP2 a meta skeleton is sharded and rank 0's weights broadcast."""
+    dtype = lora.base_dtype(config)
+    if not env.is_distributed:
+        model = lora.adapt(initial_model(config, model_config, dtype), config, identity, env.device)
+        return parallelize(model, config.train, config.parallel, env).to(env.device).train()
+    model = parallelize(lora.meta_skeleton(model_config, config), config.train, config.parallel, env)
+    model.to_empty(device=env.device)
+    full = (lora.adapt(initial_model(config, model_config, dtype), config, identity, torch.device("cpu")).state_dict()
+            if env.is_main else {})
+    load_full_model_state(model, full, env)
+    return model.train()
+
+
+def build_model(config: RunConfig, model_config: MPTConfig, env: DistributedEnv, initialize: bool,
+                lora_base: BaseIdentity | None = None) -> nn.Module:
+    """Meta-device model -> parallelize -> allocate -> initial weights (unless a resume loads them).
+    A LoRA run (`lora_base` given) builds its adapted model instead."""
+    if lora_base is not None:
+        return _build_lora_model(config, model_config, env, lora_base)
     with torch.device("meta"):
         model = MPTForCausalLM(model_config)
     parallelize(model, config.train, config.parallel, env)
@@ -113,7 +146,7 @@ def build_model(config: RunConfig, model_config: MPTConfig, env: DistributedEnv,
         if source is not None and source.format == "training-checkpoint":
             load_dcp_model_weights(model, source.path)  # each rank reads its own shards
         else:
-            state = _initial_state(config, model_config) if env.is_main else {}
+            state = initial_model(config, model_config).state_dict() if env.is_main else {}
             load_full_model_state(model, state, env)
     model.train()
     return model
@@ -196,6 +229,8 @@ class TrainingState:
     accumulation: int  # micro-batches per rank and optimizer step
     seq_len: int
     n_params: int  # global sizes, also for sharded DTensors
+    n_trainable: int  # all but a LoRA run's frozen base
+    lora_base: BaseIdentity | None = None  # a LoRA run: the base its adapters belong to
     resumed_from: Path | None = None
     step: int = 0
     tokens_seen: int = 0
@@ -239,16 +274,23 @@ def build_training_state(config: RunConfig, env: DistributedEnv | None = None) -
     # Per-rank streams (dropout differs across ranks); the initial weights reseed with `seed` itself.
     _seed(config.seed + env.rank)
     model_config = resolve_model_config(config)
+    lora_base = None
+    if config.lora is not None:
+        lora.check_lora_run(config, model_config, env)
+        lora_base = lora.run_base_identity(config, init_source(config))
     seq_len = config.train.seq_len or model_config.max_seq_len
     if seq_len > model_config.max_seq_len:
         raise ConfigError(f"train.seq_len={seq_len} exceeds model.max_seq_len={model_config.max_seq_len}")
     train_stream = build_train_stream(config, seq_len, env)
     val_source = build_val_source(config, seq_len, env)
 
-    checkpointer = Checkpointer(config.checkpoint_dir, config.checkpoint.keep_last_n, env)
+    checkpointer = Checkpointer(config.checkpoint_dir, config.checkpoint.keep_last_n, env,
+                                trainable_only=lora_base is not None)
     checkpointer.remove_incomplete()
     resume_from = _resume_path(config)
-    model = build_model(config, model_config, env, initialize=resume_from is None)
+    if resume_from is not None:
+        lora.check_resume(resume_from, lora_base)
+    model = build_model(config, model_config, env, initialize=resume_from is None, lora_base=lora_base)
     optimizer = build_optimizer(model, config.optimizer)
     scheduler = build_scheduler(optimizer, config.schedule, config.train.max_steps)
     trainer = {"step": 0, "tokens_seen": 0, "recent_losses": []}
@@ -263,6 +305,7 @@ def build_training_state(config: RunConfig, env: DistributedEnv | None = None) -
         watch=LossWatch(config.anomaly.spike_factor, config.anomaly.spike_min_steps, trainer["recent_losses"]),
         autocast=torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=config.train.precision == "bf16"),
         accumulation=accumulation, seq_len=seq_len, n_params=sum(p.numel() for p in model.parameters()),
+        n_trainable=sum(p.numel() for p in model.parameters() if p.requires_grad), lora_base=lora_base,
         resumed_from=resume_from, step=trainer["step"], tokens_seen=trainer["tokens_seen"], last_saved=resume_from,
     )
 
@@ -270,9 +313,11 @@ def build_training_state(config: RunConfig, env: DistributedEnv | None = None) -
 def save_checkpoint(state: TrainingState) -> Path:
     """Checkpoint the whole state at its step; it becomes `state.last_saved`."""
     trainer = {"step": state.step, "tokens_seen": state.tokens_seen, "recent_losses": list(state.watch.recent)}
+    extra = (lora.checkpoint_files(state.model, state.config, state.lora_base, state.env)
+             if state.lora_base is not None else None)
     state.last_saved = state.checkpointer.save(
         state.step, state.model, state.optimizer, state.scheduler, trainer, state.train_stream.state_dict(),
-        state.model_config.to_json_string(), state.config.to_dict())
+        state.model_config.to_json_string(), state.config.to_dict(), extra_files=extra)
     return state.last_saved
 
 
@@ -309,6 +354,8 @@ def _accumulate_gradients(state: TrainingState, micro_batches: list[dict]) -> tu
     )
     loss_sum = torch.zeros((), device=env.device, dtype=torch.float64)
     flops, tokens = 0, 0
+    # A frozen weight takes no weight-gradient matmul: 2 of the 6 FLOPs per parameter and token.
+    frozen = state.n_params - state.n_trainable
     for index, batch in enumerate(micro_batches):
         if env.is_distributed:
             # Reduce-scatter gradients once per step, on the last micro-batch.
@@ -317,7 +364,8 @@ def _accumulate_gradients(state: TrainingState, micro_batches: list[dict]) -> tu
         loss_sum += forward_backward(state.model, batch, state.autocast, env.world_size / targets.float())
         rows, length = batch["input_ids"].shape
         tokens += rows * length
-        flops += rows * length * flops_per_token(state.n_params, model_config.n_layers, model_config.d_model, length)
+        flops += rows * length * (flops_per_token(state.n_params, model_config.n_layers, model_config.d_model, length)
+                                  - 2 * frozen)
     loss = (all_reduce_sum(loss_sum, env) / targets).item()
     return loss, tokens * env.world_size, flops
 
@@ -405,6 +453,11 @@ class TrainingLog:
             start = f"starting from the weights of {init_source(config).path}"
         else:
             start = f"starting from a fresh initialisation (seed {config.seed})"
+        if state.lora_base is not None:
+            quantized = config.lora.base_quantization
+            base = quantized if quantized != "none" else str(lora.base_dtype(config)).removeprefix("torch.")
+            start += (f"; LoRA r={config.lora.rank} on {', '.join(config.lora.target_modules)}: "
+                      f"{state.n_trainable / 1e6:.2f}M trainable, frozen base in {base}")
         return (f"[mptkit train] {config.name}: {state.n_params / 1e6:.1f}M parameters, {state.env.world_size} "
                 f"rank(s) on {state.env.device.type}, {train_cfg.precision}, global batch "
                 f"{train_cfg.global_batch_size} x {state.seq_len} tokens ({state.accumulation} accumulation step(s)); "
@@ -472,6 +525,8 @@ def run(config: RunConfig, env: DistributedEnv) -> TrainResult:
         if state.last_saved is None or not state.last_saved.name.endswith(f"{state.step:08d}"):
             save_checkpoint(state)
         result.checkpoint = state.last_saved
+        if state.lora_base is not None and env.is_main:
+            result.adapter = lora.publish_adapter(state.last_saved, Path(config.output_dir))
         if state.val_source is not None and not _due(state.step, config.eval.interval):
             result.val_loss = _validate(state, log.metrics)
     finally:

@@ -128,8 +128,8 @@ def type_name(tp) -> str:
         return " | ".join(repr(c) for c in typing.get_args(tp))
     if origin in (typing.Union, types.UnionType):
         return " or ".join("null" if a is type(None) else type_name(a) for a in typing.get_args(tp))
-    if origin in (list, tuple, dict):
-        return {list: "a list", tuple: "a list", dict: "a mapping"}[origin]
+    if origin in (list, tuple, dict) or dataclasses.is_dataclass(tp):
+        return {list: "a list", tuple: "a list"}.get(origin, "a mapping")
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
 
 
@@ -199,6 +199,8 @@ class Reader:
         for arg in args:
             if arg is type(None):
                 continue
+            if dataclasses.is_dataclass(arg) and isinstance(value, dict):
+                return self.build(arg, value, key)  # an optional section: its own errors name the bad key
             try:
                 return self.coerce(value, arg, key)
             except ConfigError:
