@@ -357,11 +357,16 @@ class LoadedModel:
 
 
 def load(path: str | Path, *, dtype: str = "auto", device: str = "cpu", tokenizer: str | None = None,
-         max_seq_len: int | None = None) -> LoadedModel:
-    """Model (eval mode) and tokenizer of `path`; see `load_model` and `tokenizer_location`."""
+         max_seq_len: int | None = None, adapter: str | Path | None = None) -> LoadedModel:
+    """Model (eval mode) and tokenizer of `path`; see `load_model` and `tokenizer_location`. `adapter`:
+    a PEFT LoRA adapter directory, merged into the model's weights (mptkit.adapters.load_adapter)."""
     from mptkit.data.tokenizer import check_vocab_fits
 
     model, source = load_model(path, dtype=dtype, device=device, max_seq_len=max_seq_len)
+    if adapter is not None:
+        from mptkit.adapters import load_adapter
+
+        model = load_adapter(model, adapter).eval()
     loaded = LoadedModel(model=model, tokenizer=load_tokenizer_for(source, tokenizer), source=source)
     try:
         check_vocab_fits(loaded.tokenizer, model.config.vocab_size)

@@ -34,6 +34,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=PRECISIONS, default=PRECISIONS[0],
                         help="bf16: matmuls under bf16 autocast")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--adapter", metavar="DIR", help="a LoRA adapter (PEFT format) merged into the model")
 
 
 def _data(parser: argparse.ArgumentParser) -> None:
@@ -87,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
 def _load(args, max_seq_len: int | None = None):
     from mptkit.loading import load
 
-    loaded = load(args.model, dtype="float32", tokenizer=args.tokenizer, max_seq_len=max_seq_len)
+    loaded = load(args.model, dtype="float32", tokenizer=args.tokenizer, max_seq_len=max_seq_len, adapter=args.adapter)
     return loaded.model, loaded.tokenizer, autocast_dtype(args.precision)
 
 

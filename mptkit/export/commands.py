@@ -32,6 +32,9 @@ def _parser() -> argparse.ArgumentParser:
                              "as llama.cpp's converter keeps them)")
     parser.add_argument("--no-tokenizer", action="store_true",
                         help="hf: do not save the tokenizer beside the model (a GGUF file always carries it)")
+    parser.add_argument("--merge-lora", metavar="ADAPTER_DIR",
+                        help="hf: merge this LoRA adapter (PEFT format) into SOURCE, its base, and write the result "
+                             "as a plain checkpoint")
     return parser
 
 
@@ -40,6 +43,8 @@ def _check_options(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         parser.error("--dtype and --no-tokenizer are for --format hf; a GGUF export takes --outtype")
     if args.format == "hf" and args.outtype is not None:
         parser.error("--outtype is for --format gguf; an HF export takes --dtype")
+    if args.format == "gguf" and args.merge_lora is not None:
+        parser.error("--merge-lora writes an HF checkpoint; export that one with --format gguf")
 
 
 def main(command: str, argv: list[str]) -> int:
@@ -53,6 +58,14 @@ def main(command: str, argv: list[str]) -> int:
             from .gguf import export_gguf
 
             source, written = export_gguf(args.source, args.out, outtype=args.outtype or DEFAULT_OUTTYPE)
+        elif args.merge_lora is not None:
+            from mptkit.adapters import merge_and_save
+            from mptkit.loading import load, resolve_dtype
+
+            loaded = load(args.source, dtype="float32")
+            written = merge_and_save(loaded.model, args.merge_lora, args.out, resolve_dtype(args.dtype or EXPORT_DTYPES[0]),
+                                     tokenizer=None if args.no_tokenizer else loaded.tokenizer)
+            source = loaded.source
         else:
             from .hf import export_hf
 

@@ -20,11 +20,12 @@ class ModelOptions:
     max_seq_len: int | None = None
     compile: bool = False
     quantize: str | None = None
+    adapter: str | None = None  # a PEFT LoRA adapter directory, merged into the model when loaded
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "ModelOptions":
         return cls(model=args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
-                   max_seq_len=args.max_seq_len, compile=args.compile, quantize=args.quantize)
+                   max_seq_len=args.max_seq_len, compile=args.compile, quantize=args.quantize, adapter=args.adapter)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +39,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true",
                         help="compile the one-token decode step (pays off for long generations)")
     parser.add_argument("--quantize", choices=QUANTIZATIONS, help="weight-only quantization of the projections")
+    parser.add_argument("--adapter", metavar="DIR",
+                        help="a LoRA adapter (PEFT format, e.g. a run's output_dir/adapter) merged into the model")
 
 
 def build_generator(options: ModelOptions):
@@ -48,6 +51,6 @@ def build_generator(options: ModelOptions):
     if options.quantize is not None and options.quantize not in QUANTIZATIONS:
         raise ValueError(f"quantize {options.quantize!r}: expected one of {', '.join(QUANTIZATIONS)}")
     loaded = load(options.model, dtype=options.dtype, device=options.device, tokenizer=options.tokenizer,
-                  max_seq_len=options.max_seq_len)
+                  max_seq_len=options.max_seq_len, adapter=options.adapter)
     model = quantize_int8(loaded.model) if options.quantize == "int8" else loaded.model
     return Decoder(model, compile=options.compile), loaded.tokenizer
