@@ -101,9 +101,6 @@ CASES = {"mpt-7b": {}, "storywriter-yaml": {"attn_config": {"clip_qkv": 6, "alib
 
 
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.xfail(strict=True, reason="config.json writes attn_config.kv_n_heads: null for multi-head attention; "
-                                       "vLLM takes a present key as the KV head count (None >= tp_size raises). "
-                                       "Fix in mptkit/model/configuration_mpt.py: omit it or write n_heads.")
 def test_export_config_satisfies_vllms_mpt_loader(tmp_path, case):
     """vLLM without trust_remote_code: transformers' own (strict) MptConfig reads config.json."""
     directory = export(tmp_path, **CASES[case])

@@ -242,6 +242,10 @@ class MPTConfig(PretrainedConfig):
         if attn.attn_impl == "triton":
             warnings.warn("attn_impl 'triton' (llm-foundry's old kernel) is served by mptkit's 'auto' choice")
             attn = dataclasses.replace(attn, attn_impl="auto")
+        if attn.kv_n_heads is None and attn.attn_type != "grouped_query_attention":
+            # Written out: vLLM takes a present kv_n_heads as the KV head count, and null breaks it.
+            n_kv = 1 if attn.attn_type == "multiquery_attention" else self.n_heads
+            attn = dataclasses.replace(attn, kv_n_heads=n_kv)
         self.attn_config = dataclasses.asdict(attn)
         self.ffn_config = dataclasses.asdict(_from_dict(FFNConfig, "ffn_config", ffn_config, {"fc_type"}))
         self.init_config = dataclasses.asdict(_from_dict(InitConfig, "init_config", init_config))
