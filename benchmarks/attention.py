@@ -55,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     # 2 heads keep the torch reference within 24 GB at 16K (time and memory scale with heads for all)
     p.add_argument("--heads", type=int, default=2)
     p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--memory-budget-gib", type=float, default=None, help="default: 60% of available memory")
+    p.add_argument("--memory-budget-gib", type=float, default=None, help="default: 60%% of available memory")
     p.add_argument("--out", type=Path, default=Path("out/attention"))
     p.add_argument("--plot", type=Path, default=None, help="PNG path (default: OUT/attention.png)")
     return p.parse_args(argv)
