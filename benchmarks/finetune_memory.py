@@ -14,8 +14,10 @@ steps on random tokens. Reported per variant: parameters (all, trainable), RSS o
 
 Expect long runs on 2 CPU cores: an mpt-1b step at seq 512 is ~4 TFLOP (minutes), full fine-tuning
 of mpt-1b needs ~21 GB for fp32 weights, gradients and AdamW moments (it may not fit in 24 GB; the
-run reports a killed variant and goes on), and the mpt-7b step is ~20 TFLOP in bf16, which CPUs
-without native bf16 emulate (the script prints its estimate before starting).
+run reports a killed variant and goes on), and the mpt-7b step is ~20 TFLOP (the script prints its
+estimate first). The 7B mode's base is bf16 (13 GB) computed in fp32 (`lora.base_quantization:
+bf16`): on CPUs without native bf16, torch's bf16 matmuls took 5x (forward) and 70x (the input
+gradient, a row-major right operand) fp32's time here; `--precision bf16` computes in bf16.
 
 The GPU numbers at the end are predictions, not measurements: bytes per parameter of each base
 (bf16 2; NF4 4.127 bits for block projections plus bf16 embedding and norms), 16 bytes per trainable
@@ -40,7 +42,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-VARIANTS = ("full", "lora", "lora-int8")
+VARIANTS = ("full", "lora", "lora-int8", "lora-bf16")  # lora-bf16: bf16 base, computed in --precision
+BASES = {"lora": "none", "lora-int8": "int8", "lora-bf16": "bf16"}
 GIB = 1024**3
 NF4_BITS = 4.127  # 4-bit codes + double-quantized absmax per 64 weights (QLoRA paper, section 3)
 CUDA_CONTEXT = 1 * GIB
@@ -55,9 +58,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--rank", type=int, default=8, help="LoRA rank (MPT's four projections)")
-    p.add_argument("--variants", default=",".join(VARIANTS), help="compare mode: which of " + ", ".join(VARIANTS))
-    p.add_argument("--precision", choices=("fp32", "bf16"), default=None,
-                   help="default: fp32 (compare: CPUs without AMX run bf16 no faster), bf16 (7b-step)")
+    p.add_argument("--variants", default="full,lora,lora-int8", help="which of " + ", ".join(VARIANTS) +
+                   " (7b-step: lora-bf16)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="compute dtype (default fp32: CPUs without native bf16 run bf16 matmuls 5x, their "
+                        "backward 70x slower; with bf16 the lora variant's base is bf16 too)")
     p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="default: off (compare), on (7b-step)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 2 compare, 1 7b-step)")
@@ -66,7 +71,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     seven = args.mode == "7b-step"
     args.preset = args.preset or ("mpt-7b" if seven else "mpt-1b")
-    args.precision = args.precision or ("bf16" if seven else "fp32")
     if args.activation_checkpointing is None:
         args.activation_checkpointing = seven
     args.steps = args.steps if args.steps is not None else (1 if seven else 2)
@@ -97,8 +101,7 @@ def run_variant(args) -> dict:
     bare = _current_rss_gib()
     lora = None
     if args.variant != "full":
-        lora = LoraConfig(rank=args.rank, alpha=2 * args.rank,
-                          base_quantization="int8" if args.variant == "lora-int8" else "none")
+        lora = LoraConfig(rank=args.rank, alpha=2 * args.rank, base_quantization=BASES[args.variant])
     run = RunConfig(model=ModelConfig(preset=args.preset), lora=lora, train=TrainConfig(
         precision=args.precision, activation_checkpointing=args.activation_checkpointing, seq_len=args.seq_len))
     model_config = MPTConfig.from_preset(args.preset, max_seq_len=max(args.seq_len, 128))
@@ -199,7 +202,7 @@ def main(argv=None) -> int:
         return 0
     import torch
 
-    variants = ["lora"] if args.mode == "7b-step" else args.variants.split(",")
+    variants = ["lora-bf16"] if args.mode == "7b-step" else args.variants.split(",")
     print(f"# {args.mode}: {args.preset}, seq {args.seq_len}, batch {args.batch}, {args.precision}, recompute "
           f"{'on' if args.activation_checkpointing else 'off'}, LoRA rank {args.rank}; {torch.get_num_threads()} "
           f"threads, torch {torch.__version__}, load average {os.getloadavg()[0]:.2f}", flush=True)
@@ -217,7 +220,7 @@ def main(argv=None) -> int:
         print(f"| {r['variant']} | {r['params'] / 1e6:,.1f}M | {r['trainable'] / 1e6:,.2f}M | {r['rss_bare_gib']:.2f} | "
               f"{r['rss_built_gib']:.2f} | {r['peak_rss_gib']:.2f} | {r['build_s']:.1f} | {r['step_s']:.2f} | "
               f"{r['tokens_per_s']:,.0f} |")
-    lora = next((r for r in results if r["variant"] == "lora" and "failed" not in r), None)
+    lora = next((r for r in results if r["variant"] in ("lora", "lora-bf16") and "failed" not in r), None)
     if lora is not None:
         print("\n".join(predictions(lora, args.batch * args.seq_len)))
     return 0

@@ -1,5 +1,5 @@
 """LoRA adapters on an MPT model, through `peft`: wrapping, the PEFT file format, merging, the base's
-identity, and a quantized frozen base (int8 on any device, NF4 through bitsandbytes on CUDA).
+identity, and a compact frozen base (bf16 or int8 on any device, NF4 through bitsandbytes on CUDA).
 
 The adapters are injected in place (`peft.inject_adapter_in_model`): the model stays an
 `MPTForCausalLM` whose target Linear layers become `peft` LoRA layers, so the trainer's
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 DEFAULT_TARGET_MODULES = ("Wqkv", "out_proj", "up_proj", "down_proj")  # MPT's projections
-QUANTIZATIONS = ("none", "int8", "nf4")
+QUANTIZATIONS = ("none", "bf16", "int8", "nf4")
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 BASE_IDENTITY = "base_identity.json"
@@ -235,45 +235,52 @@ def merge_adapter(model: nn.Module) -> nn.Module:
 # ---- a quantized frozen base -------------------------------------------------------------------------
 
 
-class _Int8MatMul(torch.autograd.Function):
-    """x @ (scales * W_int8)^T with a gradient for x only (the weight is frozen).
+class _WidenedMatMul(torch.autograd.Function):
+    """x @ W^T for a frozen weight stored narrow (int8 with per-row scales, or bf16), widened to the
+    compute dtype for each matmul, one layer at a time, and freed right after; a gradient for x only.
 
-    The int8 weight is widened to the compute dtype for each matmul, one layer at a time, and freed
-    right after: measured on 2 CPU cores (2048 -> 8192, 128 rows, forward + backward) this is within
-    ~10% of bitsandbytes' CPU Linear8bitLt, while aten's fused _weight_int8pack_mm (a decode kernel)
-    took 16x longer at this batch size.
+    Measured on 2 shared CPU cores (2048 -> 8192, 128 rows, forward + backward, int8 in fp32): within
+    ~10% of bitsandbytes' CPU Linear8bitLt; aten's fused _weight_int8pack_mm (a decode kernel) took
+    4.6x the fp32 Linear's time at this batch size.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, scales):
+    def forward(ctx, x, weight, scales, compute_dtype):
         ctx.save_for_backward(weight, scales)
-        out = F.linear(x.to(scales.dtype), weight.to(scales.dtype)) * scales
-        return out.to(x.dtype)
+        ctx.compute_dtype = compute_dtype
+        out = F.linear(x.to(compute_dtype), weight.to(compute_dtype))
+        return (out if scales is None else out * scales).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         weight, scales = ctx.saved_tensors
-        grad_x = (grad.to(scales.dtype) * scales) @ weight.to(scales.dtype)
-        return grad_x.to(grad.dtype), None, None
+        grad = grad.to(ctx.compute_dtype)
+        grad_x = (grad if scales is None else grad * scales) @ weight.to(ctx.compute_dtype)
+        return grad_x, None, None, None
 
 
-class Int8FrozenLinear(nn.Linear):
-    """A frozen Linear with symmetric per-output-channel int8 weights: a quarter of fp32's bytes.
-    An `nn.Linear` to peft, which wraps it like any Linear (the LoRA delta stays in fp32)."""
+class FrozenLinear(nn.Linear):
+    """A frozen Linear stored in fewer bytes and computed in `compute_dtype`: int8 with one scale per
+    output row (symmetric, a quarter of fp32's bytes) or bf16 (half). An `nn.Linear` to peft, which
+    wraps it like any Linear (the LoRA delta stays in fp32)."""
 
-    def __init__(self, linear: nn.Linear, compute_dtype: torch.dtype):
+    def __init__(self, linear: nn.Linear, storage: torch.dtype, compute_dtype: torch.dtype):
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.compute_dtype = compute_dtype
         weight = linear.weight.detach().float()
-        scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-        quantized = (weight / scales[:, None]).round().clamp(-127, 127).to(torch.int8)
-        self.weight = nn.Parameter(quantized, requires_grad=False)
-        self.scales = nn.Parameter(scales.to(compute_dtype), requires_grad=False)
+        if storage == torch.int8:
+            scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+            weight = (weight / scales[:, None]).round().clamp(-127, 127)
+            self.scales = nn.Parameter(scales.to(compute_dtype), requires_grad=False)
+        else:
+            self.scales = None
+        self.weight = nn.Parameter(weight.to(storage), requires_grad=False)
         bias = None if linear.bias is None else linear.bias.detach().to(compute_dtype)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = _Int8MatMul.apply(x, self.weight, self.scales)
+        out = _WidenedMatMul.apply(x, self.weight, self.scales, self.compute_dtype)
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
 
@@ -291,13 +298,18 @@ def _replace_block_linears(model: nn.Module, make) -> int:
 
 @torch.no_grad()
 def quantize_base(model: nn.Module, kind: str, compute_dtype: torch.dtype, device: torch.device) -> nn.Module:
-    """Quantize the frozen base's block projections in place, before `add_lora` wraps them (the
-    embedding and norms keep their dtype). int8 works on any device; nf4 is QLoRA's 4-bit NormalFloat
-    through bitsandbytes, which needs CUDA."""
+    """Store the frozen base's block projections narrower, in place, before `add_lora` wraps them
+    (the embedding and norms keep their dtype): bf16 or int8 on any device, computed in
+    `compute_dtype`; nf4 is QLoRA's 4-bit NormalFloat through bitsandbytes, which needs CUDA."""
     if kind == "none":
         return model
-    if kind == "int8":
-        _replace_block_linears(model, lambda linear: Int8FrozenLinear(linear, compute_dtype))
+    if kind in ("int8", "bf16"):
+        storage = {"int8": torch.int8, "bf16": torch.bfloat16}[kind]
+        _replace_block_linears(model, lambda linear: FrozenLinear(linear, storage, compute_dtype))
+        for module in model.modules():  # the embedding and norms (the base may have been read in bf16)
+            if not isinstance(module, FrozenLinear):
+                for param in module.parameters(recurse=False):
+                    param.data = param.data.to(compute_dtype)
         return model
     if kind != "nf4":
         raise ValueError(f"base quantization {kind!r}: expected one of {', '.join(QUANTIZATIONS)}")

@@ -15,12 +15,13 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from mptkit.adapters import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
-    Int8FrozenLinear,
+    FrozenLinear,
     LoraSpec,
     add_lora,
     merge_adapter,
@@ -245,13 +246,14 @@ def test_sigkill_mid_run_then_resume_gives_bitwise_identical_losses(base, tmp_pa
     reference = start_mptkit(_resume_argv(tmp_path / "reference", base), tmp_path / "reference.log")
     out = tmp_path / "run"
     victim = start_mptkit(_resume_argv(out, base), tmp_path / "victim.log")
-    deadline, logged = time.monotonic() + 240, {}
-    while max(logged, default=0) < 3:  # past the first checkpoint (step 2)
-        assert victim.is_alive(), "the run ended before it could be killed:\n" + (tmp_path / "victim.log").read_text()
-        assert time.monotonic() < deadline, "the run made no progress"
+
+    def past_the_first_checkpoint() -> bool:  # step 3 logged: killed between the checkpoints of steps 2 and 4
+        return (out / "metrics.jsonl").exists() and 3 in logged_losses(out)
+
+    deadline = time.monotonic() + 240
+    while victim.is_alive() and time.monotonic() < deadline and not past_the_first_checkpoint():
         time.sleep(0.01)
-        if (out / "metrics.jsonl").exists():
-            logged = logged_losses(out)
+    assert victim.is_alive() and past_the_first_checkpoint(), (tmp_path / "victim.log").read_text()
     victim.kill()  # SIGKILL
     victim.join()
     assert victim.exitcode == -signal.SIGKILL
@@ -333,10 +335,10 @@ def test_two_fsdp2_ranks_match_one_process_and_reduce_only_adapter_gradients(bas
 # ---- the int8 base -----------------------------------------------------------------------------------
 
 
-def test_int8_frozen_linear_is_the_dequantized_linear_with_its_input_gradient():
+def test_frozen_int8_linear_is_the_dequantized_linear_with_its_input_gradient():
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 96, bias=False)
-    quantized = Int8FrozenLinear(linear, torch.float32)
+    quantized = FrozenLinear(linear, torch.int8, torch.float32)
     assert quantized.weight.dtype == torch.int8 and not quantized.weight.requires_grad
     dequantized = torch.nn.Linear(64, 96, bias=False)
     dequantized.weight.data = quantized.weight.float() * quantized.scales[:, None]
@@ -348,13 +350,16 @@ def test_int8_frozen_linear_is_the_dequantized_linear_with_its_input_gradient():
     torch.testing.assert_close(grad, x.grad, rtol=1e-5, atol=1e-5)
     assert (quantized.weight.float() * quantized.scales[:, None] - linear.weight).abs().max() <= (
         linear.weight.abs().amax() / 254 + 1e-7)  # half a quantization step
+    halved = FrozenLinear(linear, torch.bfloat16, torch.float32)  # bf16 storage, fp32 compute
+    assert halved.weight.dtype == torch.bfloat16 and halved.scales is None
+    torch.testing.assert_close(halved(x), F.linear(x, linear.weight.bfloat16().float()), rtol=0, atol=1e-6)
 
 
 def test_lora_on_an_int8_base_trains_on_cpu(base, tmp_path):
     config = load_config(INSTRUCT_YAML, lora_overrides(tmp_path, base, steps=4, **{"lora.base_quantization": "int8"}))
     state = build_training_state(config)
     wqkv = state.model.transformer.blocks[0].attn.Wqkv
-    assert isinstance(wqkv.base_layer, Int8FrozenLinear) and wqkv.base_layer.weight.dtype == torch.int8
+    assert isinstance(wqkv.base_layer, FrozenLinear) and wqkv.base_layer.weight.dtype == torch.int8
     losses = [train_step(state).loss for _ in range(4)]
     assert losses[-1] < losses[0] - 0.5
 
@@ -390,7 +395,7 @@ def test_quantized_bases_say_where_they_run(base, monkeypatch):
 
     config = load_config(INSTRUCT_YAML, lora_overrides("unused", base, steps=1, **{"lora.base_quantization": "int8"}))
     two_ranks = DistributedEnv(rank=0, local_rank=0, world_size=2, device=torch.device("cpu"))
-    with pytest.raises(ConfigError, match="lora.base_quantization: a base quantized to int8 trains in one process"):
+    with pytest.raises(ConfigError, match=r"lora.base_quantization: int8 \(a compact frozen base\) trains in one process"):
         lora.check_lora_run(config, MPTConfig.from_preset("tiny"), two_ranks)
 
 

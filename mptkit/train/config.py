@@ -174,9 +174,10 @@ class LoraConfig:
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
     # Modules trained in full beside the adapters (e.g. norm_f, or wte), saved with the adapter.
     modules_to_save: list[str] = field(default_factory=list)
-    # The frozen base's block projections: as they are (in the precision's dtype), int8 (any
-    # device, one process) or nf4 (QLoRA: bitsandbytes, CUDA only).
-    base_quantization: Literal["none", "int8", "nf4"] = "none"
+    # The frozen base's block projections: as they are (in the precision's dtype); stored in bf16
+    # or int8 and computed in the precision's dtype (any device, one process: bf16 with fp32 compute
+    # is for CPUs without native bf16); nf4 (QLoRA: bitsandbytes, CUDA only).
+    base_quantization: Literal["none", "bf16", "int8", "nf4"] = "none"
 
 
 @dataclass

@@ -121,7 +121,7 @@ def _build_lora_model(config: RunConfig, model_config: MPTConfig, env: Distribut
     built on CPU in one process; under FSDP2 a meta skeleton is sharded and rank 0's weights broadcast."""
     dtype = lora.base_dtype(config)
     if not env.is_distributed:
-        model = lora.adapt(initial_model(config, model_config, dtype), config, identity, env.device)
+        model = lora.adapt(initial_model(config, model_config, lora.read_dtype(config)), config, identity, env.device)
         return parallelize(model, config.train, config.parallel, env).to(env.device).train()
     model = parallelize(lora.meta_skeleton(model_config, config), config.train, config.parallel, env)
     model.to_empty(device=env.device)

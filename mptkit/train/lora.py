@@ -46,6 +46,12 @@ def base_dtype(config: RunConfig) -> torch.dtype:
     return torch.bfloat16 if config.train.precision == "bf16" else torch.float32
 
 
+def read_dtype(config: RunConfig) -> torch.dtype:
+    """The dtype the base is read in: a bf16 or int8 base is read in bf16, so that the whole base is
+    never held in fp32 (7B: 27 GB) on its way to the compact form."""
+    return torch.bfloat16 if config.lora.base_quantization in ("bf16", "int8") else base_dtype(config)
+
+
 def check_lora_run(config: RunConfig, model_config: MPTConfig, env: DistributedEnv) -> None:
     """The checks of the lora section that need the model or the launch (load_config made the rest)."""
     if config.model.init_from is not None:
@@ -53,9 +59,9 @@ def check_lora_run(config: RunConfig, model_config: MPTConfig, env: DistributedE
             raise ConfigError(f"{message} (model of {config.model.init_from})", field=key)
     quantization = config.lora.base_quantization
     if quantization != "none" and env.is_distributed:
-        raise ConfigError(f"a base quantized to {quantization} trains in one process: FSDP2 shards floating-point weights, not "
-                          f"quantized ones; under torchrun use base_quantization: none (the frozen base is "
-                          f"sharded)", field="lora.base_quantization")
+        raise ConfigError(f"{quantization} (a compact frozen base) trains in one process (FSDP2 shards the base's "
+                          "weights as they are); under torchrun use base_quantization: none, with train.precision: bf16 for a bf16 "
+                          "base", field="lora.base_quantization")
     if quantization == "nf4" and env.device.type != "cuda":
         raise ConfigError("nf4 needs CUDA (bitsandbytes' 4-bit kernels); on CPU use int8",
                           field="lora.base_quantization")
@@ -74,7 +80,7 @@ def run_base_identity(config: RunConfig, source: ModelSource | None) -> BaseIden
 
 
 def adapt(base: nn.Module, config: RunConfig, identity: BaseIdentity, device: torch.device) -> nn.Module:
-    """The run's base (on CPU, in base_dtype) quantized as asked and with its adapters injected, their
+    """The run's base (on CPU, in read_dtype) made compact as asked and with its adapters injected, their
     initialisation drawn from `seed` (the same on every rank and for every world size)."""
     quantize_base(base, config.lora.base_quantization, base_dtype(config), device)
     torch.manual_seed(config.seed)
