@@ -30,6 +30,7 @@ QUANTIZATIONS = ("none", "bf16", "int8", "nf4")
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 BASE_IDENTITY = "base_identity.json"
+CHECKPOINT_ADAPTER_DIR = "adapter"  # a LoRA run's PEFT adapter, inside each checkpoint and its output_dir
 _ADAPTER_NAME = "default"
 _PEFT_PREFIX = "base_model.model."  # the keys of PeftModel's saved state dict
 
@@ -331,13 +332,3 @@ def quantize_base(model: nn.Module, kind: str, compute_dtype: torch.dtype, devic
 
     _replace_block_linears(model, nf4)
     return model
-
-
-def merge_and_save(model: nn.Module, adapter: str | Path, out_dir: str | Path, dtype: torch.dtype,
-                   tokenizer=None) -> Path:
-    """`mptkit export --merge-lora`: merge `adapter` into its base `model` (read in fp32, so that
-    W + delta is rounded once, to `dtype`) and save a plain HF-format checkpoint: no peft needed to
-    read it, logits equal to the adapter model's."""
-    merged = load_adapter(model, adapter).to(dtype)
-    merged.save_pretrained(str(out_dir), tokenizer=tokenizer)
-    return Path(out_dir)

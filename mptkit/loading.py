@@ -314,16 +314,71 @@ def _load_training_checkpoint(source: ModelSource, dtype: torch.dtype, max_seq_l
     return model.to(dtype)
 
 
-def load_model(path: str | Path, *, dtype: str = "float32", device: str = "cpu",
-               max_seq_len: int | None = None) -> tuple[nn.Module, ModelSource]:
+def source_identity(source: ModelSource):
+    """The `BaseIdentity` of a model source (what a LoRA adapter records about its base)."""
+    from mptkit.adapters import base_identity
+
+    if source.format == "hf":
+        files = [*weight_files(source.path), *sorted(source.path.glob("*.index.json"))]
+    else:
+        files = [source.path / ".metadata", *sorted(source.path.glob("*.distcp"))]
+    return base_identity(source.path, read_config_fields(source), files)
+
+
+def _read(source: ModelSource, dtype: torch.dtype, max_seq_len: int | None) -> nn.Module:
+    if source.format == "training-checkpoint":
+        return _load_training_checkpoint(source, dtype, max_seq_len)
+    return _load_hf(source, dtype, max_seq_len)
+
+
+def _with_adapter(base: ModelSource, adapter: Path, dtype: torch.dtype, max_seq_len: int | None) -> nn.Module:
+    """`base` with a PEFT adapter merged in fp32 (then cast): refused when the adapter records
+    another base than this one."""
+    from mptkit.adapters import load_adapter, read_base_identity
+
+    trained_on = read_base_identity(adapter)
+    if trained_on is not None and trained_on.path is not None and trained_on.sha256 != source_identity(base).sha256:
+        raise CheckpointError(f"{adapter}: this adapter was trained on the base {trained_on.short()}, not on "
+                              f"{base.path} (its config or weights differ); load it on that base")
+    return load_adapter(_read(base, torch.float32, max_seq_len), adapter).to(dtype)
+
+
+def _lora_run_base(source: ModelSource) -> ModelSource | None:
+    """The base of a LoRA run's checkpoint (it holds adapter weights only), None for other sources."""
+    from mptkit.adapters import read_base_identity
+
+    trained_on = read_base_identity(source.path) if source.format == "training-checkpoint" else None
+    if trained_on is None:
+        return None
+    if trained_on.path is None:
+        raise CheckpointError(f"{source.path}: a LoRA run's checkpoint whose base was a preset's fresh "
+                              "initialisation, which no file holds; LoRA-tune a saved model (model.init_from)")
+    try:
+        return find_source(trained_on.path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{source.path}: a LoRA run's checkpoint (adapter weights only); its base "
+                              f"{trained_on.path} is gone") from None
+
+
+def load_model(path: str | Path, *, dtype: str = "float32", device: str = "cpu", max_seq_len: int | None = None,
+               adapter: str | Path | None = None) -> tuple[nn.Module, ModelSource]:
     """The model at `path` in eval mode on `device` in `dtype` (a `DTYPES` name or "auto"), and what
-    was read. `max_seq_len` raises the context window (ALiBi extrapolation, the StoryWriter recipe)."""
+    was read. `max_seq_len` raises the context window (ALiBi extrapolation, the StoryWriter recipe).
+    `adapter`: a PEFT LoRA adapter directory merged into the weights. A LoRA run's checkpoint is read
+    as its base (recorded in the checkpoint) with the checkpoint's adapter."""
+    from mptkit.adapters import CHECKPOINT_ADAPTER_DIR, check_adapter_dir
+
     source = find_source(path)
     torch_dtype = resolve_dtype(dtype, device)
-    if source.format == "training-checkpoint":
-        model = _load_training_checkpoint(source, torch_dtype, max_seq_len)
+    if (base := _lora_run_base(source)) is not None:
+        if adapter is not None:
+            raise ValueError(f"{source.path} is a LoRA run's checkpoint and carries its own adapter; "
+                             "give its base as the model to apply another adapter")
+        model = _with_adapter(base, source.path / CHECKPOINT_ADAPTER_DIR, torch_dtype, max_seq_len)
+    elif adapter is not None:
+        model = _with_adapter(source, check_adapter_dir(adapter), torch_dtype, max_seq_len)
     else:
-        model = _load_hf(source, torch_dtype, max_seq_len)
+        model = _read(source, torch_dtype, max_seq_len)
     return model.to(torch.device(device)).eval(), source
 
 
@@ -358,15 +413,10 @@ class LoadedModel:
 
 def load(path: str | Path, *, dtype: str = "auto", device: str = "cpu", tokenizer: str | None = None,
          max_seq_len: int | None = None, adapter: str | Path | None = None) -> LoadedModel:
-    """Model (eval mode) and tokenizer of `path`; see `load_model` and `tokenizer_location`. `adapter`:
-    a PEFT LoRA adapter directory, merged into the model's weights (mptkit.adapters.load_adapter)."""
+    """Model (eval mode) and tokenizer of `path`; see `load_model` and `tokenizer_location`."""
     from mptkit.data.tokenizer import check_vocab_fits
 
-    model, source = load_model(path, dtype=dtype, device=device, max_seq_len=max_seq_len)
-    if adapter is not None:
-        from mptkit.adapters import load_adapter
-
-        model = load_adapter(model, adapter).eval()
+    model, source = load_model(path, dtype=dtype, device=device, max_seq_len=max_seq_len, adapter=adapter)
     loaded = LoadedModel(model=model, tokenizer=load_tokenizer_for(source, tokenizer), source=source)
     try:
         check_vocab_fits(loaded.tokenizer, model.config.vocab_size)

@@ -231,6 +231,30 @@ def test_eval_and_generate_take_an_adapter(run, base, tmp_path):
     assert mptkit_main(argv) == 0
 
 
+def test_a_lora_run_directory_reads_as_its_base_with_its_adapter(run, base, tmp_path):
+    """`mptkit export`/`generate`/`eval` given the LoRA run itself: the base its checkpoint records, with
+    the checkpoint's adapter; the reference is peft's own PeftModel on the base."""
+    from peft import PeftModel
+
+    out, result = run
+    loaded = load(out / "checkpoints", dtype="float32")
+    assert loaded.source.path == latest_checkpoint(out / "checkpoints")
+    with torch.no_grad():
+        reference = PeftModel.from_pretrained(MPTForCausalLM.from_pretrained(base).eval(), str(result.adapter))(TOKENS).logits
+    torch.testing.assert_close(_logits(loaded.model), reference, rtol=0, atol=1e-5)
+    assert mptkit_main(["export", str(out / "checkpoints"), str(tmp_path / "merged")]) == 0
+    torch.testing.assert_close(_logits(load(tmp_path / "merged", dtype="float32").model), reference, rtol=0, atol=1e-5)
+
+
+def test_an_adapter_is_refused_on_another_base(run, tmp_path, capsys):
+    _, result = run
+    other = _save_base(tmp_path / "other", seed=1)  # same architecture, other weights
+    with pytest.raises(ValueError, match="was trained on the base .* not on .*other"):
+        load(other, adapter=result.adapter)
+    assert mptkit_main(["generate", str(other), "--adapter", str(result.adapter), "--prompt", "Hi"]) == 2
+    assert "was trained on the base" in capsys.readouterr().err
+
+
 # ---- exact resume, refusal of another base -----------------------------------------------------------
 
 STEPS = 6

@@ -58,19 +58,11 @@ def main(command: str, argv: list[str]) -> int:
             from .gguf import export_gguf
 
             source, written = export_gguf(args.source, args.out, outtype=args.outtype or DEFAULT_OUTTYPE)
-        elif args.merge_lora is not None:
-            from mptkit.adapters import merge_and_save
-            from mptkit.loading import load, resolve_dtype
-
-            loaded = load(args.source, dtype="float32")
-            written = merge_and_save(loaded.model, args.merge_lora, args.out, resolve_dtype(args.dtype or EXPORT_DTYPES[0]),
-                                     tokenizer=None if args.no_tokenizer else loaded.tokenizer)
-            source = loaded.source
         else:
             from .hf import export_hf
 
             source = export_hf(args.source, args.out, dtype=args.dtype or EXPORT_DTYPES[0],
-                               with_tokenizer=not args.no_tokenizer)
+                               with_tokenizer=not args.no_tokenizer, adapter=args.merge_lora)
             written = Path(args.out)
     except (ValueError, FileNotFoundError, ImportError) as exc:
         print(f"mptkit export: {exc}", file=sys.stderr)

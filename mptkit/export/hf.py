@@ -10,12 +10,14 @@ EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def export_hf(source: str | Path, out_dir: str | Path, dtype: str = "float32",
-              with_tokenizer: bool = True) -> ModelSource:
+              with_tokenizer: bool = True, adapter: str | Path | None = None) -> ModelSource:
     """Read `source` (a training checkpoint, possibly sharded, or an HF-format directory) in this one
     process and save it with save_pretrained; returns what was read (for a directory of
-    checkpoints, its newest)."""
+    checkpoints, its newest). `adapter`: a PEFT LoRA adapter merged in (in fp32, then cast to
+    `dtype`): a plain checkpoint, no peft needed to read it. A LoRA run's checkpoint is exported as
+    its base with its adapter merged."""
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(EXPORT_DTYPES)}")
-    loaded = load(source, dtype=dtype)
+    loaded = load(source, dtype=dtype, adapter=adapter)
     loaded.model.save_pretrained(out_dir, tokenizer=loaded.tokenizer if with_tokenizer else None)
     return loaded.source

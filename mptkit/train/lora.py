@@ -20,6 +20,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from mptkit.adapters import (
     BASE_IDENTITY,
+    CHECKPOINT_ADAPTER_DIR,
     BaseIdentity,
     LoraSpec,
     adapter_files,
@@ -28,13 +29,11 @@ from mptkit.adapters import (
     quantize_base,
     read_base_identity,
 )
-from mptkit.loading import ModelSource, read_config_fields, weight_files
+from mptkit.loading import ModelSource, source_identity
 from mptkit.model import MPTConfig, MPTForCausalLM
 
 from .config import ConfigError, LoraConfig, RunConfig, lora_problems
 from .parallel import DistributedEnv
-
-ADAPTER_DIR = "adapter"  # inside each checkpoint, and in output_dir at the end
 
 
 def lora_spec(lora: LoraConfig) -> LoraSpec:
@@ -72,11 +71,7 @@ def run_base_identity(config: RunConfig, source: ModelSource | None) -> BaseIden
     if source is None:
         fields = {"preset": config.model.preset, "overrides": config.model.overrides, "seed": config.seed}
         return base_identity(None, fields)
-    if source.format == "hf":
-        files = [*weight_files(source.path), *sorted(source.path.glob("*.index.json"))]
-    else:
-        files = [source.path / ".metadata", *sorted(source.path.glob("*.distcp"))]
-    return base_identity(source.path, read_config_fields(source), files)
+    return source_identity(source)
 
 
 def adapt(base: nn.Module, config: RunConfig, identity: BaseIdentity, device: torch.device) -> nn.Module:
@@ -101,7 +96,7 @@ def checkpoint_files(model: nn.Module, config: RunConfig, identity: BaseIdentity
     if not env.is_main:
         return {}
     files = adapter_files(model, state, lora_spec(config.lora), identity)
-    return {BASE_IDENTITY: files[BASE_IDENTITY], **{f"{ADAPTER_DIR}/{name}": data for name, data in files.items()}}
+    return {BASE_IDENTITY: files[BASE_IDENTITY], **{f"{CHECKPOINT_ADAPTER_DIR}/{name}": data for name, data in files.items()}}
 
 
 def check_resume(checkpoint: Path, identity: BaseIdentity | None) -> None:
@@ -125,10 +120,10 @@ def check_resume(checkpoint: Path, identity: BaseIdentity | None) -> None:
 
 def publish_adapter(checkpoint: Path, output_dir: Path) -> Path:
     """Copy a checkpoint's PEFT adapter to `output_dir/adapter` (the run's result; rank 0)."""
-    target = Path(output_dir) / ADAPTER_DIR
-    temp = target.with_name(f".tmp-{ADAPTER_DIR}")
+    target = Path(output_dir) / CHECKPOINT_ADAPTER_DIR
+    temp = target.with_name(f".tmp-{CHECKPOINT_ADAPTER_DIR}")
     shutil.rmtree(temp, ignore_errors=True)
-    shutil.copytree(checkpoint / ADAPTER_DIR, temp)
+    shutil.copytree(checkpoint / CHECKPOINT_ADAPTER_DIR, temp)
     shutil.rmtree(target, ignore_errors=True)
     temp.rename(target)
     return target
