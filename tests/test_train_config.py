@@ -168,3 +168,14 @@ def test_the_yaml_engine_reads_any_dataclasses_and_takes_custom_readers(tmp_path
     assert str(info.value) == "override 'section.span=9': section.span: expected LOW-HIGH, got 9"
     with pytest.raises(ConfigError, match=r"run.yaml:2: section.ratoi: unknown key \(did you mean 'ratio'\?\)"):
         typed_yaml.load(Top, _write(tmp_path, "section:\n  ratoi: 2\n"), readers={Span: read_span})
+
+
+@pytest.mark.parametrize("argv", [["--print-config", "{yaml}", "train.max_steps=30"],
+                                  ["{yaml}", "--print-config", "train.max_steps=30"],
+                                  ["{yaml}", "train.max_steps=30", "--print-config"]])
+def test_print_config_goes_anywhere_on_the_command_line(argv, capsys):
+    from mptkit.train.commands import main
+
+    yaml_path = str(REPO / "configs/pretrain/tiny.yaml")
+    assert main("train", [a.format(yaml=yaml_path) for a in argv]) == 0
+    assert "max_steps: 30" in capsys.readouterr().out

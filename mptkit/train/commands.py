@@ -24,7 +24,7 @@ def _train(argv: list[str]) -> int:
     parser.add_argument("config", help="YAML file (configs/pretrain/*.yaml, configs/finetune/*.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     parser.add_argument("--print-config", action="store_true", help="print the validated config and exit")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options may come between or after the overrides
 
     import yaml
 
