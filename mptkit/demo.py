@@ -233,7 +233,7 @@ def extrapolation(cfg: DemoConfig, model_dir: Path):
     return points, table
 
 
-def check_model_card_loading(model_dir: Path, prompt: str) -> tuple[str, int]:
+def check_model_card_loading(model_dir: Path, prompt: str) -> tuple[str, int, int]:
     """Load the export exactly as the MPT model cards do and compare its logits with mptkit's;
     returns the verdict and the parameter count."""
     import torch
@@ -250,7 +250,7 @@ def check_model_card_loading(model_dir: Path, prompt: str) -> tuple[str, int]:
     if difference > 1e-4:
         raise RuntimeError(f"the model-card load of {model_dir} differs from mptkit's by {difference:.2e}")
     verdict = f"{type(model).__module__}.{type(model).__name__}, logits equal to mptkit's (max |diff| {difference:.1e})"
-    return verdict, sum(p.numel() for p in model.parameters())
+    return verdict, sum(p.numel() for p in model.parameters()), model.get_input_embeddings().weight.numel()
 
 
 @dataclass(frozen=True)
@@ -290,7 +290,6 @@ def answer(cfg: DemoConfig, model_dir: Path, prompt: str) -> Reply:
 # ---- the summary ----------------------------------------------------------------------------------
 
 MPT_7B_COMPUTE = 6.65e9 * 1e12  # parameters x training tokens of MPT-7B (MPT.md)
-VOCAB_SIZE = 50432
 
 
 @dataclass(frozen=True)
@@ -299,6 +298,7 @@ class DemoFacts:
 
     load_start: float
     parameters: int
+    embedding_parameters: int  # the token embedding (tied to the output): most of a small MPT
     pretrain_steps: int
     pretrain_tokens: int
     pretrain_loss: float
@@ -344,7 +344,7 @@ def honesty_text(cfg: DemoConfig, facts: DemoFacts) -> str:
     else:
         ending = f"it did not end its answer by itself within {facts.answer_tokens} tokens"
     return _template("honesty.md").format(
-        parameters_m=facts.parameters / 1e6, embedding_m=VOCAB_SIZE * cfg.d_model / 1e6,
+        parameters_m=facts.parameters / 1e6, embedding_m=facts.embedding_parameters / 1e6,
         pretrain_tokens_m=facts.pretrain_tokens / 1e6, finetune_tokens_m=facts.finetune_tokens / 1e6,
         compute_exponent=round(math.log10(MPT_7B_COMPUTE / (facts.parameters * seen))),
         pretrain_val_ppl=facts.pretrain_val_ppl, ending=ending, longest_multiple=cfg.multiples[-1],
@@ -405,7 +405,7 @@ def run(cfg: DemoConfig) -> Path:
     stages.begin("Exporting HF-format checkpoints")
     export_hf(pre.checkpoint, cfg.out / "base-model")
     export_hf(ft.checkpoint, cfg.out / "model")
-    card_check, parameters = check_model_card_loading(cfg.out / "model", MODEL_CARD_PROMPT)
+    card_check, parameters, embedding_parameters = check_model_card_loading(cfg.out / "model", MODEL_CARD_PROMPT)
     print(f"[demo] wrote {cfg.out / 'model'} and {cfg.out / 'base-model'}; model-card load: {card_check}", flush=True)
 
     stages.begin(f"Extrapolation: perplexity at {', '.join(f'{m}x' for m in cfg.multiples)} the training length")
@@ -416,7 +416,7 @@ def run(cfg: DemoConfig) -> Path:
 
     stages.begin("Writing the summary")
     facts = DemoFacts(
-        load_start=load_start, parameters=parameters,
+        load_start=load_start, parameters=parameters, embedding_parameters=embedding_parameters,
         pretrain_steps=pre.step, pretrain_tokens=_stage_tokens(pre, pre_config), pretrain_loss=_final(pre.losses),
         pretrain_val_loss=pre.val_loss,
         finetune_steps=ft.step, finetune_tokens=_stage_tokens(ft, ft_config), finetune_loss=_final(ft.losses),
