@@ -21,7 +21,7 @@ def _parser() -> argparse.ArgumentParser:
                     "(and Ollama, LM Studio).",
     )
     parser.add_argument("source", help="a training checkpoint (step_* directory), a directory of them (its newest), "
-                                       "or an HF-format model directory")
+                                       "an HF-format model directory, or a Composer / llm-foundry checkpoint file")
     parser.add_argument("out", help="hf: the output directory; gguf: the .gguf file, or a directory "
                                     "(model-<outtype>.gguf inside)")
     parser.add_argument("--format", choices=FORMATS, default="hf", help="what to write (default: hf)")

@@ -240,9 +240,9 @@ def write_tokenizer_metadata(writer, tokenizer, vocab_size: int) -> None:
 
 
 def stored_dtype(source: ModelSource) -> str:
-    """The dtype a source's weights are stored in (training checkpoints keep fp32), so that loading
+    """The dtype a source's weights are stored in (training and Composer checkpoints: read as fp32, which holds bf16 exactly), so that loading
     neither copies nor rounds them; the conversion to the output type happens tensor by tensor."""
-    if source.format == "training-checkpoint":
+    if source.format != "hf":
         return "float32"
     fields = read_config_fields(source)
     stored = fields.get("dtype") or fields.get("torch_dtype")
@@ -254,10 +254,6 @@ def gguf_path(out: str | Path, outtype: str) -> Path:
     if str(out).endswith(("/", os.sep)) or Path(out).is_dir():  # the slash before Path() drops it
         return Path(out) / f"model-{outtype}.gguf"
     return Path(out)
-
-
-def _model_name(source: ModelSource) -> str:
-    return source.path.parent.name if source.format == "training-checkpoint" else source.path.name
 
 
 def export_gguf(source: str | Path, out: str | Path, outtype: str = DEFAULT_OUTTYPE,
@@ -279,7 +275,7 @@ def export_gguf(source: str | Path, out: str | Path, outtype: str = DEFAULT_OUTT
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(path, ARCHITECTURE)
     try:
-        write_model_metadata(writer, config, outtype, _model_name(loaded.source))
+        write_model_metadata(writer, config, outtype, loaded.source.name)
         write_tokenizer_metadata(writer, loaded.tokenizer, config.vocab_size)
         for item in plan:
             writer.add_tensor_info(item.name, item.shape, np.dtype(np.float32), _byte_count(item.shape, item.qtype),

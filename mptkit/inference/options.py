@@ -30,7 +30,7 @@ class ModelOptions:
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = ModelOptions(model="")
-    parser.add_argument("model", help="HF-format model directory or training checkpoint directory")
+    parser.add_argument("model", help="HF-format model directory, training checkpoint directory, or Composer / llm-foundry checkpoint file")
     parser.add_argument("--tokenizer", help="tokenizer directory or tokenizer.json (default: the model's)")
     parser.add_argument("--dtype", default=defaults.dtype, choices=DTYPE_CHOICES,
                         help="auto: bf16 where the hardware has it, else fp32")

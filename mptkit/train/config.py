@@ -34,8 +34,9 @@ if TYPE_CHECKING:
 class ModelConfig:
     # A preset of mptkit.model.presets (tiny, mpt-125m, mpt-350m, mpt-1b, mpt-7b, ...).
     preset: str | None = "tiny"
-    # Start from trained weights: an HF-format directory (config.json + weights) or a training
-    # checkpoint directory of `mptkit train`. Its model config replaces `preset`.
+    # Start from trained weights: an HF-format directory (config.json + weights), a training
+    # checkpoint directory of `mptkit train`, or a Composer / llm-foundry checkpoint file (.pt).
+    # Its model config replaces `preset`.
     init_from: str | None = None
     # Every other key of the section: MPTConfig fields applied on top (validated by MPTConfig).
     overrides: dict[str, Any] = field(default_factory=dict)

@@ -42,7 +42,7 @@ from mptkit.loading import (
     latest_checkpoint,
     list_checkpoints,
     load_dcp_model_weights,
-    load_hf_mpt,
+    load_weights,
     read_config_fields,
     resolve_checkpoint,
 )
@@ -75,7 +75,8 @@ class TrainResult:
 
 
 def init_source(config: RunConfig) -> ModelSource | None:
-    """What model.init_from names (an HF-format directory, a training checkpoint or their directory)."""
+    """What model.init_from names (an HF-format directory, a training checkpoint or their directory,
+    a Composer / llm-foundry checkpoint file)."""
     if config.model.init_from is None:
         return None
     try:
@@ -100,16 +101,13 @@ def resolve_model_config(config: RunConfig) -> MPTConfig:
 
 def initial_model(config: RunConfig, model_config: MPTConfig, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The starting weights in a model on CPU, so that they do not depend on device or world size:
-    init_from's (an HF-format directory or a training checkpoint), or the preset's seeded initialisation."""
+    init_from's (any source `mptkit.loading` reads), or the preset's seeded initialisation."""
     source = init_source(config)
-    if source is not None and source.format == "hf":
-        return load_hf_mpt(source, model_config, dtype)
-    with torch.device("meta"):
-        model = MPTForCausalLM(model_config).to(dtype if source is None else torch.float32)
-    model.to_empty(device="cpu")
     if source is not None:
-        load_dcp_model_weights(model, source.path)
-        return model.to(dtype)
+        return load_weights(source, model_config, dtype)
+    with torch.device("meta"):
+        model = MPTForCausalLM(model_config).to(dtype)
+    model.to_empty(device="cpu")
     torch.manual_seed(config.seed)
     model.reset_parameters()
     return model

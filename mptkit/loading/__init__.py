@@ -4,7 +4,8 @@ A path is one of
 - an HF-format directory: an mptkit export, `save_pretrained` output, or a hub download
   (mosaicml/mpt-7b*) with `model.safetensors`, sharded safetensors (`*.index.json`) or `.bin` files;
 - a training checkpoint of `mptkit train` (a `step_*` DCP directory), or the directory holding
-  them (its newest complete one is read).
+  them (its newest complete one is read);
+- a Composer / llm-foundry checkpoint file (`*.pt`, read by `loading.composer`).
 
 It becomes a model in eval mode, its tokenizer, and a `ModelSource` saying what was read. One dtype
 vocabulary (`DTYPES`, with the short names training configs use) and one tokenizer rule serve every
@@ -18,6 +19,7 @@ import contextlib
 import json
 import re
 import struct
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,13 +118,29 @@ def resolve_checkpoint(path: str | Path) -> Path:
 class ModelSource:
     """What a model path turned out to be."""
 
-    path: Path  # the directory the weights are read from (the newest step_* for a run directory)
-    format: str  # "hf" or "training-checkpoint"
+    path: Path  # the directory the weights are read from (the newest step_* for a run directory), or the Composer file
+    format: str  # "hf", "training-checkpoint" or "composer"
 
     @property
     def step(self) -> int | None:
+        """The optimizer steps that made these weights, where the checkpoint records them."""
+        if self.format == "composer":
+            return self.composer().step
         match = _STEP_DIR.match(self.path.name)
         return int(match.group(1)) if self.format == "training-checkpoint" and match else None
+
+    @property
+    def name(self) -> str:
+        """A name for the model: the run's (training checkpoints), else the directory's or file's."""
+        if self.format == "composer":
+            return self.composer().run_name or self.path.stem
+        return self.path.parent.name if self.format == "training-checkpoint" else self.path.name
+
+    def composer(self):
+        """The parts of a Composer checkpoint (`loading.composer.ComposerCheckpoint`)."""
+        from .composer import read_composer_checkpoint
+
+        return read_composer_checkpoint(self.path)
 
 
 def find_source(path: str | Path) -> ModelSource:
@@ -130,18 +148,23 @@ def find_source(path: str | Path) -> ModelSource:
     path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such model directory")
+    if path.is_file():
+        return ModelSource(path, "composer")
     if is_checkpoint(path) or latest_checkpoint(path) is not None:
         return ModelSource(resolve_checkpoint(path), "training-checkpoint")
     if (path / "config.json").is_file():
         return ModelSource(path, "hf")
     raise FileNotFoundError(
         f"{path}: expected an HF-format model directory (config.json + weights) or a training checkpoint "
-        "(a step_* directory with .metadata, or a directory holding them)"
+        "(a step_* directory with .metadata, or a directory holding them), or a Composer checkpoint file"
     )
 
 
 def read_config_fields(source: ModelSource) -> dict:
-    """The model's config fields as stored (config.json, or a training checkpoint's model_config.json)."""
+    """The model's config fields as stored (config.json, a training checkpoint's model_config.json, or
+    the llm-foundry config inside a Composer checkpoint)."""
+    if source.format == "composer":
+        return dict(source.composer().config_fields)
     name = TRAINING_MODEL_CONFIG if source.format == "training-checkpoint" else "config.json"
     file = source.path / name
     try:
@@ -292,23 +315,23 @@ def load_hf_mpt(source: ModelSource, config, dtype: torch.dtype = torch.float32)
         return MPTForCausalLM.from_pretrained(str(source.path), config=config, **{_dtype_argument(): dtype})
 
 
-def _load_hf(source: ModelSource, dtype: torch.dtype, max_seq_len: int | None) -> nn.Module:
-    if read_config_fields(source).get("model_type") == "mpt":
-        return load_hf_mpt(source, read_model_config(source, max_seq_len), dtype)
-    # another architecture (eval compares against them): transformers' own classes, local files only
-    from transformers import AutoModelForCausalLM
-
-    files = check_weight_files(source.path)
-    with _naming_bad_weights(files):
-        return AutoModelForCausalLM.from_pretrained(str(source.path), local_files_only=True,
-                                                    **{_dtype_argument(): dtype})
-
-
-def _load_training_checkpoint(source: ModelSource, dtype: torch.dtype, max_seq_len: int | None) -> nn.Module:
+def load_weights(source: ModelSource, config, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A model built from `config` (the source's own, or one with overrides such as a fine-tuning
+    run's dropout) holding the weights of the MPT model at `source`, any format."""
     from mptkit.model import MPTForCausalLM
 
+    if source.format == "hf":
+        return load_hf_mpt(source, config, dtype)
+    if source.format == "composer":
+        from .composer import load_composer_weights
+
+        with torch.device("meta"):  # built in `dtype`: the weights are copied in one by one, converted
+            model = MPTForCausalLM(config).to(dtype)
+        model.to_empty(device="cpu")
+        load_composer_weights(model, source.composer())
+        return model
     with torch.device("meta"):
-        model = MPTForCausalLM(read_model_config(source, max_seq_len))
+        model = MPTForCausalLM(config)
     model.to_empty(device="cpu")
     load_dcp_model_weights(model, source.path)
     return model.to(dtype)
@@ -320,15 +343,23 @@ def source_identity(source: ModelSource):
 
     if source.format == "hf":
         files = [*weight_files(source.path), *sorted(source.path.glob("*.index.json"))]
+    elif source.format == "composer":
+        files = [source.path]
     else:
         files = [source.path / ".metadata", *sorted(source.path.glob("*.distcp"))]
     return base_identity(source.path, read_config_fields(source), files)
 
 
 def _read(source: ModelSource, dtype: torch.dtype, max_seq_len: int | None) -> nn.Module:
-    if source.format == "training-checkpoint":
-        return _load_training_checkpoint(source, dtype, max_seq_len)
-    return _load_hf(source, dtype, max_seq_len)
+    if source.format == "hf" and read_config_fields(source).get("model_type") != "mpt":
+        # another architecture (eval compares against them): transformers' own classes, local files only
+        from transformers import AutoModelForCausalLM
+
+        files = check_weight_files(source.path)
+        with _naming_bad_weights(files):
+            return AutoModelForCausalLM.from_pretrained(str(source.path), local_files_only=True,
+                                                        **{_dtype_argument(): dtype})
+    return load_weights(source, read_model_config(source, max_seq_len), dtype)
 
 
 def _with_adapter(base: ModelSource, adapter: Path, dtype: torch.dtype, max_seq_len: int | None) -> nn.Module:
@@ -387,8 +418,9 @@ def load_model(path: str | Path, *, dtype: str = "float32", device: str = "cpu",
 
 def tokenizer_location(source: ModelSource, override: str | None = None) -> str | None:
     """Where the tokenizer comes from, one rule for every caller: `override` if given, else the files
-    saved beside the weights, else (training checkpoints) the run's data.tokenizer, else None: the
-    bundled GPT-NeoX-20B tokenizer of MPT."""
+    saved beside the weights (or inside a Composer checkpoint: `load_tokenizer_for` writes them out),
+    else (training checkpoints) the run's data.tokenizer, else None: the bundled GPT-NeoX-20B
+    tokenizer of MPT."""
     if override is not None:
         return override
     if (source.path / "tokenizer.json").is_file():
@@ -401,6 +433,12 @@ def tokenizer_location(source: ModelSource, override: str | None = None) -> str 
 def load_tokenizer_for(source: ModelSource, override: str | None = None):
     from mptkit.data.tokenizer import load_tokenizer
 
+    saved = source.composer().tokenizer_files if override is None and source.format == "composer" else {}
+    if saved:
+        with tempfile.TemporaryDirectory(prefix="mptkit-tokenizer-") as directory:
+            for name, text in saved.items():
+                (Path(directory) / name).write_text(text)
+            return load_tokenizer(directory)
     return load_tokenizer(tokenizer_location(source, override))
 
 
