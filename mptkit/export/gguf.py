@@ -33,6 +33,8 @@ import torch
 
 from mptkit.loading import ModelSource, find_source, load, read_config_fields, read_model_config
 
+from .model_card import CARD_FILE, Export, model_card
+
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 DEFAULT_OUTTYPE = "f16"
 ARCHITECTURE = "mpt"
@@ -260,7 +262,8 @@ def export_gguf(source: str | Path, out: str | Path, outtype: str = DEFAULT_OUTT
                 tokenizer: str | None = None) -> tuple[ModelSource, Path]:
     """Write the model at `source` (anything `mptkit.loading` reads) as one GGUF file for llama.cpp;
     returns what was read and the file written. A config llama.cpp's MPT graph cannot run fails
-    before anything is written (ValueError naming the field)."""
+    before anything is written (ValueError naming the field). Written into a directory, the file
+    gets a model card (README.md) beside it, unless one is there already."""
     gguf = _gguf()
     if outtype not in OUTTYPES:
         raise ValueError(f"outtype {outtype!r}: expected one of {', '.join(OUTTYPES)}")
@@ -287,4 +290,8 @@ def export_gguf(source: str | Path, out: str | Path, outtype: str = DEFAULT_OUTT
             writer.write_tensor_data(_converted(state[item.hub_name], item.qtype))
     finally:
         writer.close()
+    card = path.parent / CARD_FILE
+    if path != Path(out) and not card.exists():  # written into a directory: the card goes beside it
+        export = Export("gguf", str(path.parent), f"{outtype} GGUF ({path.name})", gguf_file=path.name)
+        card.write_text(model_card(model, loaded.tokenizer, loaded.source, export))
     return loaded.source, path

@@ -6,6 +6,8 @@ from pathlib import Path
 
 from mptkit.loading import ModelSource, load
 
+from .model_card import CARD_FILE, Export, model_card
+
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -15,9 +17,13 @@ def export_hf(source: str | Path, out_dir: str | Path, dtype: str = "float32",
     process and save it with save_pretrained; returns what was read (for a directory of
     checkpoints, its newest). `adapter`: a PEFT LoRA adapter merged in (in fp32, then cast to
     `dtype`): a plain checkpoint, no peft needed to read it. A LoRA run's checkpoint is exported as
-    its base with its adapter merged."""
+    its base with its adapter merged. A model card (README.md) is written beside the weights."""
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(EXPORT_DTYPES)}")
     loaded = load(source, dtype=dtype, adapter=adapter)
-    loaded.model.save_pretrained(out_dir, tokenizer=loaded.tokenizer if with_tokenizer else None)
+    tokenizer = loaded.tokenizer if with_tokenizer else None
+    loaded.model.save_pretrained(out_dir, tokenizer=tokenizer)
+    export = Export("hf", str(out_dir).rstrip("/"), f"{dtype} safetensors",
+                    adapter=Path(adapter) if adapter is not None else None)
+    (Path(out_dir) / CARD_FILE).write_text(model_card(loaded.model, tokenizer, loaded.source, export))
     return loaded.source

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from mptkit.loading.training_record import METRICS_FILE, read_metrics
+
 from .config import LoggingConfig
 
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, TFLOP/s.
@@ -73,7 +75,7 @@ class MetricsLogger:
     def __init__(self, config: LoggingConfig, output_dir: Path, run_name: str, run_config: dict, enabled: bool,
                  fresh: bool):
         self.enabled = enabled
-        self.jsonl_path = Path(output_dir) / "metrics.jsonl"
+        self.jsonl_path = Path(output_dir) / METRICS_FILE
         self._jsonl = None
         self._tensorboard = None
         self._wandb = None
@@ -117,17 +119,6 @@ class MetricsLogger:
             self._tensorboard.close()
         if self._wandb is not None:
             self._wandb.finish()
-
-
-def read_metrics(jsonl_path: Path) -> list[dict]:
-    """Rows of a metrics file, the last training row and validation row per step kept (a resumed
-    run logs again the steps after its checkpoint)."""
-    rows: dict[tuple[int, bool], dict] = {}
-    for line in Path(jsonl_path).read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            rows[(row["step"], "val_loss" in row)] = row
-    return [rows[key] for key in sorted(rows)]
 
 
 def plot_loss_curve(jsonl_path: Path, png_path: Path, title: str) -> None:
