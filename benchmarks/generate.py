@@ -1,13 +1,15 @@
-"""Decode speed: mptkit's static-cache compiled decoder vs transformers' MptForCausalLM.generate.
+"""Decode speed: mptkit's static-cache compiled decoder vs transformers' MptForCausalLM.generate
+and llama.cpp (through llama-cpp-python, `make llama-cpp`) on a GGUF export of the same weights.
 
 Batch 1, a 64-token prompt, 256 new tokens, greedy, the mpt-125m shape with random weights (the
-speed of decoding does not depend on what the weights are). Both models hold the same weights in
-the same dtype, in this one process. The roofline is the memory-bandwidth bound: every new token
+speed of decoding does not depend on what the weights are). All hold the same weights in the same
+dtype (llama.cpp: bf16 or f32 GGUF; with --quantize int8 also q8_0 beside mptkit's int8), in this
+one process, with the same number of threads. The roofline is the memory-bandwidth bound: every new token
 reads all weights once, so tokens/s <= bandwidth / weight bytes; the bandwidth is measured here,
 now, by summing a tensor much larger than the caches.
 
     .venv/bin/python benchmarks/generate.py                      # bf16, mptkit vs transformers
-    .venv/bin/python benchmarks/generate.py --quantize int8      # adds the int8 weight-only row
+    .venv/bin/python benchmarks/generate.py --quantize int8      # adds the int8 / q8_0 rows
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -81,6 +85,36 @@ def time_transformers(model, prompt: list[int], new_tokens: int) -> tuple[float,
     return time.perf_counter() - start, out[0, len(prompt) :].tolist()
 
 
+def time_llama_cpp(model: MPTForCausalLM, outtype: str, prompt: list[int], new_tokens: int,
+                   repeats: int) -> tuple[float, list[int], int]:
+    """Seconds for prefill + `new_tokens` greedy tokens in llama.cpp (best of `repeats`), the tokens,
+    and the GGUF file's size (the weight bytes it reads per token, to within the metadata)."""
+    from llama_cpp import Llama
+
+    from mptkit.export.gguf import export_gguf
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(Path(tmp) / "hf")
+        _, path = export_gguf(Path(tmp) / "hf", Path(tmp) / "model.gguf", outtype=outtype)
+        llm = Llama(model_path=str(path), n_ctx=len(prompt) + new_tokens + 8, n_batch=len(prompt),
+                    n_threads=torch.get_num_threads(), verbose=False)
+        size = path.stat().st_size
+
+    def once() -> tuple[float, list[int]]:
+        llm.reset()
+        start = time.perf_counter()
+        tokens = []
+        for token in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
+            tokens.append(int(token))
+            if len(tokens) == new_tokens:
+                break
+        return time.perf_counter() - start, tokens
+
+    once()  # warm-up
+    best, tokens = min(once() for _ in range(repeats))
+    return best, tokens, size
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="mpt-125m")
@@ -90,6 +124,7 @@ def main() -> None:
     parser.add_argument("--quantize", choices=("int8",), help="also time int8 weight-only quantization")
     parser.add_argument("--no-compile", action="store_true", help="time the static-cache decoder without compiling")
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--skip-llama-cpp", action="store_true", help="(skipped anyway when llama_cpp is missing)")
     parser.add_argument("--repeats", type=int, default=2, help="timed mptkit runs (best is kept)")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
@@ -132,6 +167,20 @@ def main() -> None:
             del hf
     if args.quantize == "int8":
         run_mptkit("mptkit int8 weight-only", quantize_int8(model))
+    llama_tokens = None
+    if not args.skip_llama_cpp:
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            print("llama.cpp: llama_cpp not importable (make llama-cpp builds it); its rows are left out")
+        else:
+            outtypes = ["bf16" if dtype == torch.bfloat16 else "f32"] + (["q8_0"] if args.quantize == "int8" else [])
+            for outtype in outtypes:
+                fp32 = MPTForCausalLM(config)
+                fp32.load_state_dict(state)
+                seconds, tokens, size = time_llama_cpp(fp32, outtype, prompt, args.new_tokens, args.repeats)
+                rows.append((f"llama.cpp {outtype}", args.new_tokens / seconds, size))
+                llama_tokens = tokens if llama_tokens is None else llama_tokens
 
     # other jobs on the machine change the bandwidth available: measure again, keep the better
     bandwidth_after = read_bandwidth()
@@ -139,17 +188,22 @@ def main() -> None:
     bandwidth = max(bandwidth, bandwidth_after)
 
     best_hf = max((speed for label, speed, _ in rows if label.startswith("transformers")), default=None)
+    llama_same = next((speed for label, speed, _ in rows if label.startswith("llama.cpp") and "q8_0" not in label), None)
     print(f"\n{'':<28}{'tokens/s':>10}{'weight MB/token':>17}{'roofline tok/s':>16}{'% roofline':>12}"
-          f"{'vs best transformers':>22}")
+          f"{'vs best transformers':>22}{'vs llama.cpp same dtype':>25}")
     for label, speed, weight_bytes in rows:
         roofline = bandwidth / weight_bytes
         ratio = f"{speed / best_hf:.2f}x" if best_hf else "-"
+        llama_ratio = f"{speed / llama_same:.2f}x" if llama_same else "-"
         print(f"{label:<28}{speed:>10.1f}{weight_bytes / 1e6:>17.1f}{roofline:>16.1f}{100 * speed / roofline:>11.0f}%"
-              f"{ratio:>22}")
+              f"{ratio:>22}{llama_ratio:>25}")
     if theirs is not None:
         agree = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), len(ours))
         print(f"\ngreedy tokens identical to transformers' ({args.dtype}) for the first {agree} of {len(ours)} "
               "(in bf16 the two implementations round differently)")
+    if llama_tokens is not None:
+        agree = next((i for i, (a, b) in enumerate(zip(ours, llama_tokens)) if a != b), len(ours))
+        print(f"greedy tokens identical to llama.cpp's for the first {agree} of {len(ours)}")
     print(f"load average at the end: {os.getloadavg()[0]:.2f}")
 
 
