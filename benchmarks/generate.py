@@ -15,7 +15,9 @@ now, by summing a tensor much larger than the caches.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -85,34 +87,59 @@ def time_transformers(model, prompt: list[int], new_tokens: int) -> tuple[float,
     return time.perf_counter() - start, out[0, len(prompt) :].tolist()
 
 
-def time_llama_cpp(model: MPTForCausalLM, outtype: str, prompt: list[int], new_tokens: int,
-                   repeats: int) -> tuple[float, list[int], int]:
-    """Seconds for prefill + `new_tokens` greedy tokens in llama.cpp (best of `repeats`), the tokens,
-    and the GGUF file's size (the weight bytes it reads per token, to within the metadata)."""
-    from llama_cpp import Llama
+# llama.cpp runs in a child process: a crash inside ggml (seen: its AMX repacking of q8_0 weights,
+# a general protection fault on a 2-core Xeon VM) costs that row, not the run.
+_LLAMA_CPP_CHILD = """
+import json, sys, time
+import llama_cpp
+path, prompt, new_tokens, repeats, threads, extra_buffers = sys.argv[1], json.loads(sys.argv[2]), *map(int, sys.argv[3:])
+if not extra_buffers:  # llama_model_params.use_extra_bufts, which llama-cpp-python does not expose
+    default = llama_cpp.llama_model_default_params
+    def without_extra_buffers():
+        params = default()
+        params.use_extra_bufts = False
+        return params
+    llama_cpp.llama_model_default_params = llama_cpp.llama.llama_cpp.llama_model_default_params = without_extra_buffers
+llm = llama_cpp.Llama(model_path=path, n_ctx=len(prompt) + new_tokens + 8, n_batch=len(prompt), n_threads=threads,
+                      verbose=False)
 
+def once():
+    llm.reset()
+    start, tokens = time.perf_counter(), []
+    for token in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
+        tokens.append(int(token))
+        if len(tokens) == new_tokens:
+            break
+    return time.perf_counter() - start, tokens
+
+once()  # warm-up
+best, tokens = min(once() for _ in range(repeats))
+print(json.dumps({"seconds": best, "tokens": tokens}))
+"""
+
+
+def time_llama_cpp(model: MPTForCausalLM, outtype: str, prompt: list[int], new_tokens: int,
+                   repeats: int) -> tuple[float, list[int], int, str]:
+    """Seconds for prefill + `new_tokens` greedy tokens in llama.cpp (best of `repeats`), the tokens,
+    the GGUF file's size (the weight bytes it reads per token, to within the metadata), and a note:
+    when llama.cpp crashes with its defaults, it is run again without its extra (repacked) weight
+    buffers, and the note says so."""
     from mptkit.export.gguf import export_gguf
 
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(Path(tmp) / "hf")
         _, path = export_gguf(Path(tmp) / "hf", Path(tmp) / "model.gguf", outtype=outtype)
-        llm = Llama(model_path=str(path), n_ctx=len(prompt) + new_tokens + 8, n_batch=len(prompt),
-                    n_threads=torch.get_num_threads(), verbose=False)
         size = path.stat().st_size
-
-    def once() -> tuple[float, list[int]]:
-        llm.reset()
-        start = time.perf_counter()
-        tokens = []
-        for token in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
-            tokens.append(int(token))
-            if len(tokens) == new_tokens:
-                break
-        return time.perf_counter() - start, tokens
-
-    once()  # warm-up
-    best, tokens = min(once() for _ in range(repeats))
-    return best, tokens, size
+        for extra_buffers, note in ((1, ""), (0, " (extra buffers off)")):
+            child = subprocess.run(
+                [sys.executable, "-c", _LLAMA_CPP_CHILD, str(path), json.dumps(prompt), str(new_tokens), str(repeats),
+                 str(torch.get_num_threads()), str(extra_buffers)], capture_output=True, text=True)
+            if child.returncode == 0:
+                result = json.loads(child.stdout.strip().splitlines()[-1])
+                return result["seconds"], result["tokens"], size, note
+            print(f"llama.cpp {outtype}: exited with {child.returncode} with its default buffers "
+                  f"({child.stderr.strip()[-300:] or 'no message'}); again without extra buffers", flush=True)
+    raise RuntimeError(f"llama.cpp {outtype} failed both ways")
 
 
 def main() -> None:
@@ -147,7 +174,7 @@ def main() -> None:
         decoder = Decoder(decode_model, compile=not args.no_compile)
         start = time.perf_counter()
         time_mptkit(decoder, prompt, args.new_tokens)  # compiles the step for these shapes
-        print(f"{label}: warm-up (compilation) {time.perf_counter() - start:.1f}s")
+        print(f"{label}: warm-up (compilation) {time.perf_counter() - start:.1f}s", flush=True)
         best, tokens = min(time_mptkit(decoder, prompt, args.new_tokens) for _ in range(args.repeats))
         weight_bytes = weight_bytes_per_token(decode_model)
         rows.append((label, args.new_tokens / best, weight_bytes))
@@ -178,8 +205,8 @@ def main() -> None:
             for outtype in outtypes:
                 fp32 = MPTForCausalLM(config)
                 fp32.load_state_dict(state)
-                seconds, tokens, size = time_llama_cpp(fp32, outtype, prompt, args.new_tokens, args.repeats)
-                rows.append((f"llama.cpp {outtype}", args.new_tokens / seconds, size))
+                seconds, tokens, size, note = time_llama_cpp(fp32, outtype, prompt, args.new_tokens, args.repeats)
+                rows.append((f"llama.cpp {outtype}{note}", args.new_tokens / seconds, size))
                 llama_tokens = tokens if llama_tokens is None else llama_tokens
 
     # other jobs on the machine change the bandwidth available: measure again, keep the better
@@ -189,13 +216,13 @@ def main() -> None:
 
     best_hf = max((speed for label, speed, _ in rows if label.startswith("transformers")), default=None)
     llama_same = next((speed for label, speed, _ in rows if label.startswith("llama.cpp") and "q8_0" not in label), None)
-    print(f"\n{'':<28}{'tokens/s':>10}{'weight MB/token':>17}{'roofline tok/s':>16}{'% roofline':>12}"
+    print(f"\n{'':<36}{'tokens/s':>10}{'weight MB/token':>17}{'roofline tok/s':>16}{'% roofline':>12}"
           f"{'vs best transformers':>22}{'vs llama.cpp same dtype':>25}")
     for label, speed, weight_bytes in rows:
         roofline = bandwidth / weight_bytes
         ratio = f"{speed / best_hf:.2f}x" if best_hf else "-"
         llama_ratio = f"{speed / llama_same:.2f}x" if llama_same else "-"
-        print(f"{label:<28}{speed:>10.1f}{weight_bytes / 1e6:>17.1f}{roofline:>16.1f}{100 * speed / roofline:>11.0f}%"
+        print(f"{label:<36}{speed:>10.1f}{weight_bytes / 1e6:>17.1f}{roofline:>16.1f}{100 * speed / roofline:>11.0f}%"
               f"{ratio:>22}{llama_ratio:>25}")
     if theirs is not None:
         agree = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), len(ours))

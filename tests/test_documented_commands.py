@@ -114,8 +114,8 @@ def _serve_answers(command: str, cwd: Path) -> None:
 @pytest.mark.slow  # ~15 minutes on 2 shared cores: most of it is the extrapolation sweep over a whole book
 def test_the_readme_quickstart_and_config_headers_run_as_written(tmp_path):
     """README first (its tiny pretraining and instruct runs are also tiny.yaml's and instruct.yaml's
-    header commands), then the remaining header commands: chat.yaml, and tiny.yaml's two-process
-    FSDP2 command as a fresh run over the same shards."""
+    header commands), then the remaining header commands: chat.yaml, instruct-lora.yaml, and
+    tiny.yaml's two-process FSDP2 command as a fresh run over the same shards."""
     cwd = _workspace(tmp_path)
     python_blocks = _code_blocks((REPO / "README.md").read_text(), "python")
     assert len(python_blocks) >= 2
@@ -142,6 +142,9 @@ def test_the_readme_quickstart_and_config_headers_run_as_written(tmp_path):
     for command in config_header_commands(REPO / "configs/finetune/chat.yaml"):
         run_documented(command, cwd)
     assert (cwd / "out/tiny-chat/checkpoints").is_dir()
+    for command in config_header_commands(REPO / "configs/finetune/instruct-lora.yaml"):
+        run_documented(command, cwd)
+    assert (cwd / "out/tiny-instruct-lora/adapter/adapter_config.json").is_file()
     assert len(tiny) == 2 and tiny[1].startswith("torchrun --nproc_per_node=2")
     shutil.rmtree(cwd / "out/tiny-pretrain/checkpoints")  # keep the tokenized shards, train afresh
     run_documented(tiny[1], cwd)
@@ -149,7 +152,7 @@ def test_the_readme_quickstart_and_config_headers_run_as_written(tmp_path):
 
 
 @pytest.mark.parametrize("config", ["pretrain/125m.yaml", "pretrain/1b.yaml", "pretrain/7b.yaml",
-                                    "finetune/storywriter.yaml"])
+                                    "finetune/storywriter.yaml", "finetune/mpt-7b-instruct-lora.yaml"])
 def test_gpu_configs_say_what_they_need(config):
     path = REPO / "configs" / config
     header = "\n".join(line for line in path.read_text().splitlines() if line.startswith("#"))

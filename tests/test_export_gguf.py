@@ -333,8 +333,24 @@ def _llama_cpp():
 
 
 def llama(path: Path, n_ctx: int = 256, **options):
-    return _llama_cpp().Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, verbose=False,
-                              seed=0, **options)
+    """llama.cpp on `path`, without its extra (repacked) weight buffers: on a Xeon with AMX, q8_0
+    with them died with a general protection fault (llama-cpp-python 0.3.36), which would take
+    pytest with it. They only re-lay the weights out for speed."""
+    llama_cpp = _llama_cpp()
+    bindings = llama_cpp.llama.llama_cpp  # the module whose defaults Llama() reads
+    default = bindings.llama_model_default_params
+
+    def without_extra_buffers():
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    bindings.llama_model_default_params = without_extra_buffers
+    try:
+        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, verbose=False,
+                               seed=0, **options)
+    finally:
+        bindings.llama_model_default_params = default
 
 
 def llama_logits(model, ids: list[int]) -> np.ndarray:

@@ -44,12 +44,16 @@ def alone(decoder: Decoder, sequence: Sequence) -> list[int]:
     return torch.stack(list(steps), dim=1)[0].tolist()
 
 
-def run(scheduler: Scheduler, arrivals: dict[int, list[Sequence]], max_steps: int = 5000) -> int:
-    """Add each step's arrivals before that step; run until all are done. Returns the steps run."""
+def run(scheduler: Scheduler, arrivals: dict[int, list[Sequence]], max_steps: int = 5000,
+        widths: set[int] | None = None) -> int:
+    """Add each step's arrivals before that step; run until all are done. Returns the steps run;
+    `widths` collects how many rows the decode steps ran."""
     step = 0
     while step <= max(arrivals) or scheduler.has_work:
         for sequence in arrivals.get(step, []):
             scheduler.add(sequence)
+        if widths is not None and scheduler.decoding:
+            widths.add(scheduler.pool.rows_in_use())
         scheduler.step()
         step += 1
         assert step < max_steps
@@ -176,16 +180,20 @@ def _compiled_traffic_makes_no_new_graphs(context: int, arrivals: dict[int, list
     scheduler = Scheduler(decoder, slots=3, prefill_chunk=32, compile=True)
     scheduler.pool.warm_up()
     graphs = counters["stats"]["unique_graphs"]
-    assert graphs == len(scheduler.pool.buckets)
+    # one row, and any number of rows, for any key length; the pool's full width apart
+    assert graphs == (2 if len(scheduler.pool.buckets) == 1 else 4)
+    widths = set()
     with torch._dynamo.config.patch(error_on_recompile=True):
-        run(scheduler, arrivals)
+        run(scheduler, arrivals, widths=widths)
     assert counters["stats"]["unique_graphs"] == graphs
+    assert {1, 2, 3} <= widths  # the traffic ran steps of one, two and three rows
     sequences = sum(arrivals.values(), [])
     assert [s.tokens for s in sequences] == [alone(decoder, s) for s in sequences]
 
 
 def test_compiled_step_does_not_recompile_as_requests_come_and_go():
-    """One key bucket (a short context): requests joining and leaving the pool add no graph."""
+    """One key bucket (a short context): requests joining and leaving the pool, changing how many
+    rows a step runs, add no graph."""
     arrivals = {0: [Sequence(prompt(5, 0), SamplingParams(max_new_tokens=40))],
                 3: [Sequence(prompt(40, 1), SamplingParams(max_new_tokens=20)),
                     Sequence(prompt(9, 2), SamplingParams(max_new_tokens=60, temperature=1.0, seed=3))],

@@ -183,8 +183,9 @@ def test_the_event_loop_stays_free_while_a_large_prompt_is_tokenized(plain):
         time.sleep(0.05)
     took = time.monotonic() - sent
     assert answers[0].json()["error"]["code"] == "context_length_exceeded"
-    # on the event loop, tokenizing would hold one /health for most of `took` (seconds here)
-    assert took > 1 and slowest < took / 3, (slowest, took)
+    # on the event loop, tokenizing would hold one /health for most of `took` (0.7 s on a Xeon
+    # core, over 1 s on an EPYC one)
+    assert took > 0.3 and slowest < took / 3, (slowest, took)
 
 
 def test_sigterm_finishes_or_cancels_running_requests_refuses_new_ones_and_exits_0(plain):

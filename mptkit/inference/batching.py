@@ -14,8 +14,11 @@ layout of `Decoder.generate` with a per-row start in place of per-row padding, s
 
 P grows by one per step. Attention reads only the first `bucket(P + 1)` columns (powers of two,
 at most `MAX_KEY_BUCKETS` of them), so the pool is compacted, every row moved left by the smallest
-start, when that brings P under a smaller bucket or when P reaches the end of the cache. The step
-is compiled once per bucket, all of them at start-up (`SlotPool.warm_up`).
+start, when that brings P under a smaller bucket or when P reaches the end of the cache. A step
+also runs only the rows up to the highest slot in use (slots are taken lowest first): a lone
+request costs a one-row step, not the whole pool's (on a 2-core CPU, mpt-125m bf16: 16 ms against
+45 ms for 32 rows). The step is compiled twice, for one row and for any number of rows, each graph
+taking any key length (those sizes dynamic), both at start-up (`SlotPool.warm_up`).
 
 Prompts are prefilled outside the pool, in a staging cache of their own: prompts that fit in
 `prefill_chunk` tokens (padding included) together as one left-padded batch, a longer one alone
@@ -31,6 +34,7 @@ it was batched with: the same ids as running it alone, up to floating-point roun
 from __future__ import annotations
 
 import collections
+import copy
 import heapq
 import shutil
 import time
@@ -43,7 +47,7 @@ from .sampling import BatchSampler, SamplingParams
 
 DEFAULT_PREFILL_CHUNK = 256  # prompt tokens per iteration (padding included)
 MIN_KEY_BUCKET = 128  # the shortest key length a decode step attends over
-MAX_KEY_BUCKETS = 8  # compiled graphs, one per key length (torch._dynamo's default recompile limit)
+MAX_KEY_BUCKETS = 8  # key lengths a step may attend over
 
 FINISH_STOP = "stop"  # a stop token
 FINISH_LENGTH = "length"  # max_new_tokens, or the context window is full
@@ -99,10 +103,35 @@ class Sequence:
         return self.state == FINISHED
 
 
-def _step_over_pool(decoder: Decoder, tokens: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
-    # a function of its own, so that its compiled graphs (one per key bucket) are counted apart
-    # from those of `Decoder`'s own compiled step
+def _step_one_row(decoder: Decoder, tokens: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
+    # functions of their own, so that their compiled graphs (one each) are counted apart from
+    # those of `Decoder`'s own compiled step
     return decoder.decode_step(tokens, cache)
+
+
+def _step_over_rows(decoder: Decoder, tokens: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
+    return decoder.decode_step(tokens, cache)
+
+
+def _window(cache: StaticKVCache, rows: int, columns: int) -> StaticKVCache:
+    """A cache whose tensors are views of `cache`'s first `rows` rows and `columns` key columns
+    (writes go to the pool). Both sizes are marked dynamic (rows only when more than one: a one-row
+    step has graphs of its own), so that one compiled graph serves the windows; dynamo keeps a
+    window as wide as the pool's whole cache static (its views are then the base's full size), so
+    that one has a graph of its own."""
+    view = copy.copy(cache)
+    view.keys = [keys[:rows, :, :columns] for keys in cache.keys]
+    view.values = [values[:rows, :, :columns] for values in cache.values]
+    view.key_valid, view.padding = cache.key_valid[:rows, :columns], cache.padding[:rows]
+    view.visible = None  # every column of the views
+    if columns < cache.max_length:
+        for tensor in (*view.keys, *view.values):
+            torch._dynamo.mark_dynamic(tensor, 2)
+        torch._dynamo.mark_dynamic(view.key_valid, 1)
+    if rows > 1:
+        for tensor in (*view.keys, *view.values, view.key_valid, view.padding):
+            torch._dynamo.mark_dynamic(tensor, 0)
+    return view
 
 
 class SlotPool:
@@ -126,10 +155,12 @@ class SlotPool:
         self.buckets = key_buckets(self.length)
         self.shifts = 0  # times the rows were moved (compaction, or room for a long prompt)
         self.compiled = compile
-        self._step = _step_over_pool
+        self._views: dict[tuple[int, int], StaticKVCache] = {}  # (rows, columns) -> `_window`
+        self._step_one, self._step_many = _step_one_row, _step_over_rows
         if compile:
             enable_compiled_decoding()
-            self._step = torch.compile(_step_over_pool, fullgraph=True, dynamic=False)
+            self._step_one = torch.compile(_step_one_row, fullgraph=True, dynamic=False)
+            self._step_many = torch.compile(_step_over_rows, fullgraph=True, dynamic=False)
 
     @property
     def free_slots(self) -> int:
@@ -166,8 +197,8 @@ class SlotPool:
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Feed one token per slot (slots, 1) at column P; logits (slots, V). Empty slots' logits
-        are meaningless."""
+        """Feed one token per slot (slots, 1) at column P; logits (rows_in_use(), V), a row per
+        slot up to the highest in use. Empty slots' logits are meaningless."""
         self._compact()
         if self.write >= self.length:
             raise RuntimeError("slot pool: no column left to write (a row outlived the context)")
@@ -175,12 +206,24 @@ class SlotPool:
         self.write += 1
         return logits
 
-    def _run_step(self, tokens: torch.Tensor) -> torch.Tensor:
+    def rows_in_use(self) -> int:
+        """The rows a step runs: up to the highest slot holding keys (at least one)."""
+        return max(self.starts, default=0) + 1
+
+    def _run_step(self, tokens: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+        """Logits (rows, V) of the first `rows` slots (default: `rows_in_use`)."""
+        rows = self.rows_in_use() if rows is None else rows
         cache = self.cache
         cache.key_valid[:, self.write] = self.occupied
         cache.write_positions.fill_(self.write)
-        cache.visible = self.bucket(self.write + 1)
-        return self._step(self.decoder, tokens, cache)
+        window = (rows, self.bucket(self.write + 1))
+        if window not in self._views:
+            self._views[window] = _window(cache, *window)
+        view = self._views[window]
+        tokens = tokens[:rows]
+        if rows > 1:
+            torch._dynamo.mark_dynamic(tokens, 0)
+        return (self._step_one if rows == 1 else self._step_many)(self.decoder, tokens, view)
 
     @torch.no_grad()
     def warm_up(self) -> float:
@@ -190,9 +233,10 @@ class SlotPool:
             raise RuntimeError("slot pool: warm up before admitting requests")
         began = time.perf_counter()
         tokens = torch.zeros(self.slots, 1, dtype=torch.long, device=self.device)
-        for bucket in self.buckets:
-            self.write = bucket - 1
-            self._run_step(tokens)
+        for rows in sorted({1, self.slots}):
+            for bucket in sorted({*self.buckets[:2], self.buckets[-1]}):  # see `_window`
+                self.write = bucket - 1
+                self._run_step(tokens, rows)
         self.write = 0
         self.cache.key_valid.zero_()
         if self.device.type == "cuda":

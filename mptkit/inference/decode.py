@@ -34,7 +34,8 @@ class StaticKVCache:
     """Keys and values of every layer, (B, Hkv, max_length, D) each, written in place by index.
 
     `write_positions` (S,) says where `update` writes the current chunk; `visible` how many keys it
-    returns (the prompt length during prefill, all of them during decode steps).
+    returns (the prompt length during prefill, all of them during decode steps; None: every column
+    its tensors have, for a cache whose tensors are views of another's first columns).
     """
 
     def __init__(self, model: MPTForCausalLM, batch_size: int, max_length: int):

@@ -107,11 +107,15 @@ def dense_bias(
     one tensor their backward keeps).
     """
     out_dtype = out_dtype or dtype
-    cache_key = ("dense_bias", num_queries, num_keys, dtype, out_dtype, str(device), alibi_slopes is None, alibi_symmetric)
-    if cache_key not in mask.backend_cache:
+    # The sizes are compared, not hashed: under torch.compile with a dynamic key length, hashing
+    # would specialize the graph to one length.
+    cache_key = ("dense_bias", dtype, out_dtype, str(device), alibi_slopes is None, alibi_symmetric)
+    sizes, bias = mask.backend_cache.get(cache_key, (None, None))
+    if sizes is None or sizes[0] != num_queries or sizes[1] != num_keys:
         bias = _build_dense_bias(mask, num_queries, num_keys, alibi_slopes, alibi_symmetric, device, dtype)
-        mask.backend_cache[cache_key] = None if bias is None else bias.to(out_dtype)
-    return mask.backend_cache[cache_key]
+        bias = None if bias is None else bias.to(out_dtype)
+        mask.backend_cache[cache_key] = ((num_queries, num_keys), bias)
+    return bias
 
 
 def _build_dense_bias(mask, num_queries, num_keys, alibi_slopes, alibi_symmetric, device, dtype):
