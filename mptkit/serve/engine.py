@@ -1,4 +1,5 @@
-"""The generation worker behind the HTTP server: one thread, a bounded queue, and a scheduler.
+"""The generation worker behind the HTTP server: one thread (`run` on the caller's, as `mptkit
+serve` does on its main thread, or `start` for a thread of its own), a bounded queue, and a scheduler.
 
 `Engine` (the default) drives mptkit.inference.batching's `Scheduler`: every iteration admits
 waiting requests into free KV-cache slots, decodes one token for every running request and
@@ -11,7 +12,7 @@ every request has its own sampling settings, seed and stops, so batching never c
 receives beyond floating-point rounding. Text deltas go back to each request's asyncio queue.
 A request whose client went away is marked cancelled and stops at the next step; one past its
 deadline ends with a `deadline_exceeded` error. The engine thread detokenizes (never the event
-loop). `drain()` stops admitting; `shutdown()` cancels what is left and stops the thread.
+loop). `drain()` stops admitting; `shutdown()` cancels what is left and ends the engine's loop.
 """
 
 from __future__ import annotations
@@ -134,8 +135,14 @@ class _EngineBase:
         self._thread = threading.Thread(target=self._main, name="mptkit-engine", daemon=True)
 
     def start(self) -> "_EngineBase":
+        """Run the engine in a thread of its own (tests, embedding in another program)."""
         self._thread.start()
         return self
+
+    def run(self) -> None:
+        """Run the engine in the calling thread until `shutdown` (what `mptkit serve` does on its
+        main thread: see mptkit.serve.commands)."""
+        self._main()
 
     def submit(self, jobs: list[Job]) -> list[Job]:
         """Queue `jobs` (all or none): QueueFull when they do not fit, Draining at shutdown."""
