@@ -16,8 +16,8 @@ P grows by one per step. Attention reads only the first `bucket(P + 1)` columns 
 at most `MAX_KEY_BUCKETS` of them), so the pool is compacted, every row moved left by the smallest
 start, when that brings P under a smaller bucket or when P reaches the end of the cache. A step
 also runs only the rows up to the highest slot in use (slots are taken lowest first): a lone
-request costs a one-row step, not the whole pool's (on a 2-core CPU, mpt-125m bf16: 16 ms against
-45 ms for 32 rows). The step is compiled twice, for one row and for any number of rows, each graph
+request costs a one-row step, not the whole pool's (on a 2-core CPU, mpt-125m bf16: 17 ms against
+44 ms for 32 rows). The step is compiled twice, for one row and for any number of rows, each graph
 taking any key length (those sizes dynamic), both at start-up (`SlotPool.warm_up`).
 
 Prompts are prefilled outside the pool, in a staging cache of their own: prompts that fit in

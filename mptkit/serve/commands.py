@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import ipaddress
 import logging
+import os
 import signal
 import sys
 import threading
@@ -151,6 +152,12 @@ def main(command: str, argv: list[str]) -> int:
         finally:
             server.should_exit = True  # the engine ended (shutdown, or a fault): so does HTTP
     http.join()
+    if not engine.ready.is_set():
+        # stopped while compiling: the warm-up thread is inside the compiler, and finalizing the
+        # interpreter under it aborts the process (std::terminate); nothing has run yet to finish
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

@@ -133,6 +133,7 @@ class _EngineBase:
         self._lock = threading.Lock()
         self._incoming: queue.Queue[Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._main, name="mptkit-engine", daemon=True)
+        self._closing = threading.Event()  # shutdown() was called
 
     def start(self) -> "_EngineBase":
         """Run the engine in a thread of its own (tests, embedding in another program)."""
@@ -141,8 +142,14 @@ class _EngineBase:
 
     def run(self) -> None:
         """Run the engine in the calling thread until `shutdown` (what `mptkit serve` does on its
-        main thread: see mptkit.serve.commands)."""
-        self._main()
+        main thread: see mptkit.serve.commands). The warm-up runs meanwhile in a daemon thread of
+        its own: a compile cannot be interrupted, and a shutdown asked for during it must not wait
+        for it (that thread's OpenMP workers end with it)."""
+        threading.Thread(target=self._warm_up_safely, name="mptkit-warm-up", daemon=True).start()
+        while not self.ready.wait(0.1):
+            if self._closing.is_set():
+                return
+        self._run()
 
     def submit(self, jobs: list[Job]) -> list[Job]:
         """Queue `jobs` (all or none): QueueFull when they do not fit, Draining at shutdown."""
@@ -164,6 +171,7 @@ class _EngineBase:
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self.drain()
+        self._closing.set()
         self._incoming.put(None)
         if self._thread.is_alive():
             # a warm-up cannot be interrupted mid-compile: do not wait for it (the thread is a daemon)
@@ -174,12 +182,15 @@ class _EngineBase:
             return dict(vars(self.stats))
 
     def _main(self) -> None:
+        self._warm_up_safely()
+        self._run()
+
+    def _warm_up_safely(self) -> None:
         try:
             self._warm_up()
         except Exception:  # warm-up is an optimisation: serve uncompiled rather than not at all
             logger.exception("warm-up failed; serving without it")
         self.ready.set()
-        self._run()
 
     def _warm_up(self) -> None:
         pass
