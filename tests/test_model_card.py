@@ -16,6 +16,7 @@ import yaml
 
 from mptkit.export.gguf import export_gguf
 from mptkit.export.hf import export_hf
+from mptkit.loading import find_source
 from mptkit.model import MPTConfig, MPTForCausalLM
 from mptkit.train.config import load_config
 from mptkit.train.loop import train
@@ -51,6 +52,7 @@ def test_a_training_checkpoints_card_states_its_training_and_the_evaluation_at_i
     export_hf(out / "checkpoints" / "step_00000002", tmp_path / "hf")
     card = (tmp_path / "hf" / "README.md").read_text()
     meta = front_matter(card)
+    assert card.split("---\n", 2)[2].startswith("\n# card-run\n")  # the run's name, not "checkpoints"
     assert meta["license"] == "apache-2.0" and meta["library_name"] == "transformers"
     assert meta["pipeline_tag"] == "text-generation" and {"mpt", "text-generation"} <= set(meta["tags"])
 
@@ -59,6 +61,7 @@ def test_a_training_checkpoints_card_states_its_training_and_the_evaluation_at_i
     assert f"| blocks | {config.n_layers} |" in architecture and f"| d_model | {config.d_model} |" in architecture
     assert f"| context trained | {config.max_seq_len} tokens |" in architecture and "ALiBi" in architecture
 
+    assert find_source(out / "checkpoints").name == out.name  # GGUF's general.name: the run directory's
     training = section(card, "Training")
     tokens = next(r["tokens_seen"] for r in rows if r["step"] == 2 and "tokens_seen" in r)
     assert f"Trained for 2 optimizer steps of 4 planned, {tokens:,} tokens." in training

@@ -218,7 +218,7 @@ def model_card(model, tokenizer, source: ModelSource, export: Export) -> str:
              else _usage_hf(export.location, chat, native=not transformers_mpt_ignores(model.config)))
     sections = [
         _front_matter(export, chat),
-        f"# {source.name}",
+        f"# {record.run_name if record and record.run_name else source.name}",
         _architecture(model, export),
         _training(source, record, export),
         _evaluation(record, export.location),

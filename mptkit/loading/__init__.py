@@ -131,10 +131,14 @@ class ModelSource:
 
     @property
     def name(self) -> str:
-        """A name for the model: the run's (training checkpoints), else the directory's or file's."""
+        """A name for the model: the run's (a Composer checkpoint's run name; for a training
+        checkpoint its run directory's, output_dir/checkpoints/step_*), else the directory's."""
         if self.format == "composer":
             return self.composer().run_name or self.path.stem
-        return self.path.parent.name if self.format == "training-checkpoint" else self.path.name
+        if self.format == "training-checkpoint":
+            holder = self.path.parent
+            return holder.parent.name if holder.name == "checkpoints" else holder.name
+        return self.path.name
 
     def composer(self):
         """The parts of a Composer checkpoint (`loading.composer.ComposerCheckpoint`)."""
