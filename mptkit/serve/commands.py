@@ -152,13 +152,14 @@ def main(command: str, argv: list[str]) -> int:
         finally:
             server.should_exit = True  # the engine ended (shutdown, or a fault): so does HTTP
     http.join()
+    code = 0 if server.started else 1  # uvicorn could not start (the port is taken, say): it said why
     if not engine.ready.is_set():
         # stopped while compiling: the warm-up thread is inside the compiler, and finalizing the
         # interpreter under it aborts the process (std::terminate); nothing has run yet to finish
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)
-    return 0
+        os._exit(code)
+    return code
 
 
 def _serve_http(server, engine) -> None:
