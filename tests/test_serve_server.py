@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -247,3 +249,32 @@ def test_compiled_at_start_up_before_reporting_ready(tiny_checkpoint, tmp_path):
         process.kill()
         process.wait(timeout=20)
         log.close()
+
+
+def test_sigterm_while_compiling_exits_0_at_once(tiny_checkpoint, tmp_path):
+    """The engine computes on the main thread and compiles in a thread of its own: a stop asked for
+    during the compile does not wait for it (nothing has run yet)."""
+    log = open(tmp_path / "server.log", "w+")
+    process, base = launch_server(tiny_checkpoint, "--max-seq-len", "128", log=log, ready=False)
+    try:
+        health = httpx.get(f"{base}/health", timeout=10)
+        if health.status_code == 200:
+            pytest.skip("the compile finished before the check (a warm inductor cache)")
+        process.send_signal(signal.SIGTERM)
+        began = time.monotonic()
+        assert process.wait(timeout=20) == 0
+        assert time.monotonic() - began < 10
+    finally:
+        process.kill()
+        log.close()
+
+
+def test_a_port_in_use_exits_1_saying_so(tiny_checkpoint, tmp_path):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "mptkit.cli", "serve", str(tiny_checkpoint), "--port", str(port),
+                               "--dtype", "float32", "--no-compile"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "address already in use" in done.stdout + done.stderr
