@@ -114,3 +114,10 @@ def test_a_gguf_export_into_a_directory_gets_a_card_and_a_file_export_none(tiny_
     assert "f32 GGUF" in section(card, "Architecture")
     export_gguf(tiny_checkpoint, tmp_path / "single.gguf", outtype="f32")
     assert not (tmp_path / "README.md").exists()
+
+
+def test_an_export_without_its_tokenizer_points_the_snippet_at_mpts(tiny_checkpoint, tmp_path):
+    export_hf(tiny_checkpoint, tmp_path / "hf", with_tokenizer=False)
+    usage = section((tmp_path / "hf" / "README.md").read_text(), "How to use")
+    assert 'AutoTokenizer.from_pretrained("EleutherAI/gpt-neox-20b")' in usage
+    assert not (tmp_path / "hf" / "tokenizer.json").exists()

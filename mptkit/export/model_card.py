@@ -8,12 +8,14 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from mptkit.data.tokenizer import BUNDLED_TOKENIZER_NAMES
 from mptkit.loading import ModelSource
 from mptkit.loading.training_record import TrainingRecord, read_training_record
 
 CARD_FILE = "README.md"
 LICENSE = "apache-2.0"  # MPT's license, and mptkit's
 EXAMPLE_PROMPT = "Here is a recipe for vegan banana bread:\n"
+NO_TOKENIZER_FALLBACK = BUNDLED_TOKENIZER_NAMES[0]  # MPT's tokenizer, for an export saved without one
 
 _FORMAT_WORDS = {
     "hf": "an HF-format directory",
@@ -137,7 +139,7 @@ def _evaluation(record: TrainingRecord | None, location: str) -> str:
             f"| {data} | {evaluation.step:,} | {evaluation.loss:.4f} | {perplexity:.2f} | {tokens} |")
 
 
-def _usage_hf(location: str, chat: bool, native: bool) -> str:
+def _usage_hf(location: str, chat: bool, native: bool, tokenizer_saved: bool) -> str:
     prompt = EXAMPLE_PROMPT.encode("unicode_escape").decode()
     generate = (f'inputs = tokenizer("{prompt}", return_tensors="pt")\n'
                 "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=64)[0]))")
@@ -159,7 +161,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 model = AutoModelForCausalLM.from_pretrained("{location}", trust_remote_code=True, dtype=torch.bfloat16)
-tokenizer = AutoTokenizer.from_pretrained("{location}")
+tokenizer = AutoTokenizer.from_pretrained("{location if tokenizer_saved else NO_TOKENIZER_FALLBACK}")
 {generate}
 ```
 
@@ -215,7 +217,8 @@ def model_card(model, tokenizer, source: ModelSource, export: Export) -> str:
     chat = bool(getattr(tokenizer, "chat_template", None))
     record = read_training_record(source)
     usage = (_usage_gguf(export.location, export.gguf_file) if export.kind == "gguf"
-             else _usage_hf(export.location, chat, native=not transformers_mpt_ignores(model.config)))
+             else _usage_hf(export.location, chat, native=not transformers_mpt_ignores(model.config),
+                            tokenizer_saved=tokenizer is not None))
     sections = [
         _front_matter(export, chat),
         f"# {record.run_name if record and record.run_name else source.name}",

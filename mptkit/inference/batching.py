@@ -113,17 +113,19 @@ def _step_over_rows(decoder: Decoder, tokens: torch.Tensor, cache: StaticKVCache
     return decoder.decode_step(tokens, cache)
 
 
-def _window(cache: StaticKVCache, rows: int, columns: int) -> StaticKVCache:
+def _window(cache: StaticKVCache, rows: int, columns: int, dynamic: bool) -> StaticKVCache:
     """A cache whose tensors are views of `cache`'s first `rows` rows and `columns` key columns
-    (writes go to the pool). Both sizes are marked dynamic (rows only when more than one: a one-row
-    step has graphs of its own), so that one compiled graph serves the windows; dynamo keeps a
-    window as wide as the pool's whole cache static (its views are then the base's full size), so
-    that one has a graph of its own."""
+    (writes go to the pool). `dynamic` (for compiling): both sizes are marked dynamic (rows only
+    when more than one: a one-row step has graphs of its own), so that one compiled graph serves
+    the windows; dynamo keeps a window as wide as the pool's whole cache static (its views are then
+    the base's full size), so that one has a graph of its own."""
     view = copy.copy(cache)
     view.keys = [keys[:rows, :, :columns] for keys in cache.keys]
     view.values = [values[:rows, :, :columns] for values in cache.values]
     view.key_valid, view.padding = cache.key_valid[:rows, :columns], cache.padding[:rows]
     view.visible = None  # every column of the views
+    if not dynamic:
+        return view
     if columns < cache.max_length:
         for tensor in (*view.keys, *view.values):
             torch._dynamo.mark_dynamic(tensor, 2)
@@ -218,10 +220,10 @@ class SlotPool:
         cache.write_positions.fill_(self.write)
         window = (rows, self.bucket(self.write + 1))
         if window not in self._views:
-            self._views[window] = _window(cache, *window)
+            self._views[window] = _window(cache, *window, dynamic=self.compiled)
         view = self._views[window]
         tokens = tokens[:rows]
-        if rows > 1:
+        if rows > 1 and self.compiled:
             torch._dynamo.mark_dynamic(tokens, 0)
         return (self._step_one if rows == 1 else self._step_many)(self.decoder, tokens, view)
 

@@ -68,6 +68,7 @@ def resolve_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 TRAINING_MODEL_CONFIG = "model_config.json"  # written beside each training checkpoint
 TRAINING_RUN_CONFIG = "run_config.yaml"
+CHECKPOINTS_DIR = "checkpoints"  # a run's checkpoint.dir by default: {output_dir}/checkpoints
 _WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
@@ -137,7 +138,7 @@ class ModelSource:
             return self.composer().run_name or self.path.stem
         if self.format == "training-checkpoint":
             holder = self.path.parent
-            return holder.parent.name if holder.name == "checkpoints" else holder.name
+            return holder.parent.name if holder.name == CHECKPOINTS_DIR else holder.name
         return self.path.name
 
     def composer(self):
@@ -273,14 +274,23 @@ def load_dcp_model_weights(model: nn.Module, path: Path) -> None:
     set_model_state_dict(model, state["model"])
 
 
-def training_run_tokenizer(checkpoint: Path) -> str | None:
-    """The tokenizer the run that wrote `checkpoint` used (None: MPT's default)."""
-    run_config = checkpoint / TRAINING_RUN_CONFIG
-    if not run_config.is_file():
-        return None
+def read_run_config(checkpoint: Path) -> dict:
+    """The run config saved beside a training checkpoint, as plain YAML ({} when it is missing or
+    unreadable): what readers of a checkpoint show of its run, never how a model is built."""
     import yaml
 
-    return ((yaml.safe_load(run_config.read_text()) or {}).get("data") or {}).get("tokenizer")
+    file = Path(checkpoint) / TRAINING_RUN_CONFIG
+    try:
+        config = yaml.safe_load(file.read_text()) if file.is_file() else {}
+    except yaml.YAMLError:
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def training_run_tokenizer(checkpoint: Path) -> str | None:
+    """The tokenizer the run that wrote `checkpoint` used (None: MPT's default)."""
+    data = read_run_config(checkpoint).get("data")
+    return data.get("tokenizer") if isinstance(data, dict) else None
 
 
 # ---- the model ------------------------------------------------------------------------------------

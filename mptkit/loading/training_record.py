@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from mptkit.loading import TRAINING_RUN_CONFIG, ModelSource
+from mptkit.loading import ModelSource, read_run_config
 
 METRICS_FILE = "metrics.jsonl"  # in the run's output_dir, written by mptkit.train.metrics
 
@@ -89,14 +89,7 @@ def _optimizer_summary(optimizer: dict, schedule: dict) -> str | None:
 
 
 def _from_run_config(source: ModelSource) -> TrainingRecord:
-    import yaml
-
-    file = source.path / TRAINING_RUN_CONFIG
-    try:
-        config = yaml.safe_load(file.read_text()) if file.is_file() else {}
-    except yaml.YAMLError:
-        config = {}
-    config = config if isinstance(config, dict) else {}
+    config = read_run_config(source.path)
     data, train, model = _section(config, "data"), _section(config, "train"), _section(config, "model")
     lora = config.get("lora")
     tokens, evaluation = _from_metrics(_metrics_file(source.path, config.get("output_dir")), source.step)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from mptkit.adapters import DEFAULT_TARGET_MODULES
+from mptkit.loading import CHECKPOINTS_DIR
 
 # The one ConfigError family: the model's error class, raised here too (with the file:line in `where`).
 from mptkit.model.configuration_mpt import ConfigError
@@ -201,7 +202,7 @@ class RunConfig:
 
     @property
     def checkpoint_dir(self) -> Path:
-        return Path(self.checkpoint.dir) if self.checkpoint.dir else Path(self.output_dir) / "checkpoints"
+        return Path(self.checkpoint.dir) if self.checkpoint.dir else Path(self.output_dir) / CHECKPOINTS_DIR
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML-ready dict (model overrides inlined, as in the file format)."""
