@@ -4,6 +4,7 @@ text for the same requests, count them the same way, and both honour deadlines."
 
 from __future__ import annotations
 
+import asyncio
 import json
 from concurrent.futures import ThreadPoolExecutor
 
@@ -12,7 +13,8 @@ from starlette.testclient import TestClient
 
 from mptkit.inference.options import ModelOptions, build_generator
 from mptkit.serve.app import create_app
-from mptkit.serve.engine import Engine, StaticEngine
+from mptkit.inference.sampling import SamplingParams
+from mptkit.serve.engine import Engine, Job, StaticEngine
 
 REQUESTS = [
     {"prompt": "The capital of France is", "max_tokens": 12, "temperature": 0},
@@ -69,3 +71,40 @@ def test_a_deadline_stops_a_request_in_either_engine(generator, engine_class):
         assert json.loads(events[-2][6:])["error"]["code"] == "deadline_exceeded"
         assert client.get("/stats").json()["expired"] == 2
     engine.shutdown()
+
+
+def test_a_step_wakes_the_event_loop_once_for_all_its_tokens(generator):
+    """The engine hands a step's events to the HTTP thread's loop in one call, not one per client."""
+    decoder, tokenizer = generator
+    engine = Engine(decoder, tokenizer, max_batch_size=3).start()
+    loop = asyncio.new_event_loop()
+    wakeups: list[int] = []  # events handed over per wake-up of the loop
+    hand_over = loop.call_soon_threadsafe
+
+    def counting(callback, batch, *args):
+        wakeups.append(len(batch))
+        return hand_over(callback, batch, *args)
+
+    loop.call_soon_threadsafe = counting
+    prompt = tokenizer("Once upon a time")["input_ids"]
+    jobs = [Job(list(prompt), SamplingParams(max_new_tokens=12), frozenset(), loop) for _ in range(3)]
+
+    async def events_of(job):
+        received = []
+        while not received or received[-1].finish_reason is None and received[-1].error is None:
+            received.append(await job.events.get())
+        return received
+
+    async def run():
+        engine.submit(jobs)
+        return await asyncio.gather(*(events_of(job) for job in jobs))
+
+    try:
+        received = loop.run_until_complete(asyncio.wait_for(run(), 60))
+    finally:
+        engine.shutdown()
+        loop.close()
+    assert all(events[-1].finish_reason == "length" for events in received)
+    assert sum(wakeups) == sum(len(events) for events in received)
+    assert max(wakeups) == 3  # one wake-up carried a token for each of the three requests
+    assert len(wakeups) < sum(wakeups)

@@ -74,16 +74,32 @@ class Job:
     generated: int = 0
 
     def post(self, event: Event) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-        except RuntimeError:  # the event loop has closed (server shutting down): nobody is listening
-            pass
+        post_all([(self, event)])
 
     def cancel(self) -> None:
         self.cancelled.set()
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
+
+
+def post_all(posts: list[tuple[Job, Event]]) -> None:
+    """Hand events to their jobs' event loops, one wake-up of each loop for all of them: a step's
+    tokens wake the HTTP thread once, not once per client (each wake-up can take a core from the
+    decode step's OpenMP team mid-kernel on a small machine)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, Event]]] = collections.defaultdict(list)
+    for job, event in posts:
+        by_loop[job.loop].append((job, event))
+    for loop, batch in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_events, batch)
+        except RuntimeError:  # the event loop has closed (server shutting down): nobody is listening
+            pass
+
+
+def _put_events(batch: list[tuple[Job, Event]]) -> None:
+    for job, event in batch:
+        job.events.put_nowait(event)
 
 
 @dataclass
@@ -212,7 +228,9 @@ class _EngineBase:
             self.observer.inter_token(now - job.last_token)
         job.last_token = now
 
-    def _finish(self, job: Job, event: Event, running: bool = True) -> None:
+    def _finish(self, job: Job, event: Event, running: bool = True,
+                outbox: list[tuple[Job, Event]] | None = None) -> None:
+        """Count `job` as ended and send it `event` (into `outbox` when given: the caller posts it)."""
         job.done = True
         with self._lock:
             self.stats.active -= 1
@@ -227,7 +245,10 @@ class _EngineBase:
             if event.error_code == DEADLINE_EXCEEDED:
                 self.stats.expired += 1
         self.observer.tokens(len(job.prompt_ids), event.completion_tokens)
-        job.post(event)
+        if outbox is None:
+            job.post(event)
+        else:
+            outbox.append((job, event))
 
 
 def _deadline_event(generated: int) -> Event:
@@ -301,6 +322,7 @@ class Engine(_EngineBase):
 
     def _deliver(self, produced: list[tuple[Sequence, int]]) -> None:
         now = time.monotonic()
+        outbox: list[tuple[Job, Event]] = []
         for sequence, token in produced:
             job, stream = self._live[sequence]
             self._token(job, now)
@@ -308,15 +330,16 @@ class Engine(_EngineBase):
             if not stream.finished and sequence.finished:  # the context window is full
                 text += stream.finish(FINISH_LENGTH)
             if stream.finished:
-                self._end(sequence, Event(text, stream.finish_reason, stream.generated))
+                self._end(sequence, Event(text, stream.finish_reason, stream.generated), outbox)
             elif text:
-                job.post(Event(text))
+                outbox.append((job, Event(text)))
+        post_all(outbox)
 
-    def _end(self, sequence: Sequence, event: Event) -> None:
+    def _end(self, sequence: Sequence, event: Event, outbox: list[tuple[Job, Event]] | None = None) -> None:
         job, _ = self._live.pop(sequence)
         started = sequence.state != "waiting"
         self.scheduler.release(sequence, event.finish_reason)
-        self._finish(job, event, running=started)
+        self._finish(job, event, running=started, outbox=outbox)
 
     def _fail_all(self, error: str | None) -> None:
         """End every job: with `error` (a generation failure), or as cancelled (shutdown)."""
@@ -391,17 +414,21 @@ class StaticEngine(_EngineBase):
         try:
             for updates in stream_batch(self.decoder, self.tokenizer, requests):
                 now = time.monotonic()
-                for update in updates:
-                    job = batch[update.row]
-                    if update.generated > job.generated:
-                        self._token(job, now)
-                        job.generated = update.generated
-                    if update.finish_reason is None:
-                        job.post(Event(update.text, None, update.generated))
-                    elif update.finish_reason == FINISH_CANCELLED and not job.cancelled.is_set():
-                        self._finish(job, _deadline_event(update.generated))
-                    else:
-                        self._finish(job, Event(update.text, update.finish_reason, update.generated))
+                outbox: list[tuple[Job, Event]] = []
+                try:
+                    for update in updates:
+                        job = batch[update.row]
+                        if update.generated > job.generated:
+                            self._token(job, now)
+                            job.generated = update.generated
+                        if update.finish_reason is None:
+                            outbox.append((job, Event(update.text, None, update.generated)))
+                        elif update.finish_reason == FINISH_CANCELLED and not job.cancelled.is_set():
+                            self._finish(job, _deadline_event(update.generated), outbox=outbox)
+                        else:
+                            self._finish(job, Event(update.text, update.finish_reason, update.generated), outbox=outbox)
+                finally:  # what was already decided reaches its clients
+                    post_all(outbox)
         except Exception as e:  # a failure of generation must not take the server down
             logger.exception("generation failed")
             for job in batch:
