@@ -56,11 +56,18 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=4096, help="first N tokens of each held-out book")
     args = p.parse_args(argv)
 
-    model_dir = args.model
-    if not (model_dir / "config.json").is_file():  # no demo run yet: a random ALiBi MPT of the demo's shape
-        model_dir = Path(tempfile.mkdtemp()) / "model"
-        torch.manual_seed(0)
-        MPTForCausalLM(MPTConfig.from_preset("tiny", d_model=128, n_layers=4, max_seq_len=512)).save_pretrained(model_dir)
+    with tempfile.TemporaryDirectory() as scratch:
+        model_dir = args.model
+        if not (model_dir / "config.json").is_file():  # no demo run yet: a random ALiBi MPT of the demo's shape
+            model_dir = Path(scratch) / "model"
+            torch.manual_seed(0)
+            MPTForCausalLM(MPTConfig.from_preset("tiny", d_model=128, n_layers=4, max_seq_len=512)).save_pretrained(model_dir)
+        compare(model_dir, args)
+    return 0
+
+
+def compare(model_dir: Path, args) -> None:
+    """mptkit's perplexity and the transformers guide's recipe on the same checkpoint, timed."""
     ours, _ = load_model(model_dir, max_seq_len=args.seq_len)
     from transformers import MptForCausalLM
 
@@ -79,7 +86,6 @@ def main(argv=None) -> int:
         print(f"{mode:>16}: mptkit ppl {result.perplexity:.4f} ({result.num_tokens} tok, {ours_s:.1f} s) | "
               f"transformers recipe ppl {math.exp(nll / count):.4f} ({count} tok, {theirs_s:.1f} s) | "
               f"speedup x{theirs_s / ours_s:.2f}, |rel diff| {abs(result.nll_sum / nll - 1):.1e}")
-    return 0
 
 
 if __name__ == "__main__":

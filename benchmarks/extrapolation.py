@@ -18,6 +18,7 @@ The learned-position model gets a 2048-row table so that it can be run past 128 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import shutil
 import sys
@@ -131,10 +132,21 @@ def evaluate_scheme(args, scheme: str, documents, lengths, autocast) -> dict:
     }
 
 
-def write_table(args, schemes: list[str], lengths: list[int]) -> str:
-    """Assemble the table and plots from each scheme's result.json (schemes may run in parallel)."""
-    results = {s: json.loads((args.out / s / "result.json").read_text()) for s in schemes}
+def write_table(args, schemes: list[str]) -> str:
+    """Assemble the table and plots from each scheme's result.json (schemes may run in parallel).
+    The lengths are those the results were measured at, whatever --multiples says now."""
+    results = {}
+    for scheme in schemes:
+        path = args.out / scheme / "result.json"
+        if not path.is_file():
+            raise SystemExit(f"{path}: missing; run `benchmarks/extrapolation.py --schemes {scheme}` first")
+        results[scheme] = json.loads(path.read_text())
     first = results[schemes[0]]
+    lengths = first["lengths"]
+    for scheme in schemes[1:]:
+        if results[scheme]["lengths"] != lengths:
+            raise SystemExit(f"{args.out / scheme / 'result.json'}: measured at lengths {results[scheme]['lengths']}, "
+                             f"{schemes[0]} at {lengths}: re-run one of them with the other's --multiples")
     lines = [f"Trained at {args.train_len} tokens; perplexity on {first['tokens_scored']} held-out tokens "
              f"(data/books/heldout: Gatsby and Alice)."]
     lines.append("\n| scheme | train s/step | final train loss | eval s |\n|---|---:|---:|---:|")
@@ -161,12 +173,15 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"torch threads {torch.get_num_threads()}; schemes {schemes}; eval lengths {lengths}", flush=True)
     if args.table_only:
-        print(write_table(args, schemes, lengths))
+        print(write_table(args, schemes))
         return 0
 
     shards = args.out / "data" / f"books-train-seq{args.train_len}"
-    if not (shards / "index.json").is_file():
-        prepare_pretraining([str(REPO / "data/books/train")], shards, seq_len=args.train_len)
+    shards.parent.mkdir(parents=True, exist_ok=True)
+    with open(shards.parent / f"{shards.name}.lock", "w") as lock:  # schemes run as parallel processes
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (shards / "index.json").is_file():
+            prepare_pretraining([str(REPO / "data/books/train")], shards, seq_len=args.train_len)
     tokenizer = load_tokenizer()
     books = sorted((REPO / "data/books/heldout").glob("*.txt*"))
     documents = tokenize_documents(tokenizer, read_texts(books))
@@ -185,7 +200,7 @@ def main(argv=None) -> int:
               f"sliding {['%.1f' % v for v in entry['sliding']]} ({entry['eval_seconds']:.0f} s)", flush=True)
         result_file.write_text(json.dumps(entry, indent=2))
     if all((args.out / s / "result.json").is_file() for s in SCHEMES):
-        print("\n" + write_table(args, list(SCHEMES), lengths))
+        print("\n" + write_table(args, list(SCHEMES)))
     return 0
 
 
