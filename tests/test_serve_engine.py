@@ -1,6 +1,7 @@
 """The two engines behind the app, in-process (starlette's TestClient): the continuous engine and
 the static batcher it replaced (`--scheduler static`, kept for the serve benchmark) give the same
-text for the same requests, count them the same way, and both honour deadlines."""
+text for the same requests, count them the same way and both honour deadlines; the continuous
+engine hands a step's tokens to the event loop in one wake-up."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import pytest
 from starlette.testclient import TestClient
 
 from mptkit.inference.options import ModelOptions, build_generator
-from mptkit.serve.app import create_app
 from mptkit.inference.sampling import SamplingParams
+from mptkit.serve.app import create_app
 from mptkit.serve.engine import Engine, Job, StaticEngine
 
 REQUESTS = [
