@@ -125,6 +125,8 @@ def evaluate_scheme(args, scheme: str, documents, lengths, autocast) -> dict:
                    label=f"{scheme} ")
     return {
         "eval_seconds": time.perf_counter() - started,
+        "train_len": args.train_len,
+        "stride_ratio": args.stride_ratio,
         "lengths": lengths,
         "nonoverlapping": [p.nonoverlapping.perplexity for p in points],
         "sliding": [p.sliding.perplexity for p in points],
@@ -134,20 +136,25 @@ def evaluate_scheme(args, scheme: str, documents, lengths, autocast) -> dict:
 
 def write_table(args, schemes: list[str]) -> str:
     """Assemble the table and plots from each scheme's result.json (schemes may run in parallel).
-    The lengths are those the results were measured at, whatever --multiples says now."""
+    Lengths, training length and stride are those the results were measured at, whatever the flags
+    say now (a result.json written before they were recorded falls back to the flags)."""
     results = {}
     for scheme in schemes:
         path = args.out / scheme / "result.json"
         if not path.is_file():
             raise SystemExit(f"{path}: missing; run `benchmarks/extrapolation.py --schemes {scheme}` first")
         results[scheme] = json.loads(path.read_text())
+    def measured(result: dict) -> dict:
+        return {key: result.get(key, getattr(args, key, None)) for key in ("train_len", "stride_ratio", "lengths")}
+
     first = results[schemes[0]]
-    lengths = first["lengths"]
+    settings = measured(first)
     for scheme in schemes[1:]:
-        if results[scheme]["lengths"] != lengths:
-            raise SystemExit(f"{args.out / scheme / 'result.json'}: measured at lengths {results[scheme]['lengths']}, "
-                             f"{schemes[0]} at {lengths}: re-run one of them with the other's --multiples")
-    lines = [f"Trained at {args.train_len} tokens; perplexity on {first['tokens_scored']} held-out tokens "
+        if measured(results[scheme]) != settings:
+            raise SystemExit(f"{args.out / scheme / 'result.json'}: measured with {measured(results[scheme])}, "
+                             f"{schemes[0]} with {settings}: re-run one of them with the other's settings")
+    lengths, train_len, stride_ratio = settings["lengths"], settings["train_len"], settings["stride_ratio"]
+    lines = [f"Trained at {train_len} tokens; perplexity on {first['tokens_scored']} held-out tokens "
              f"(data/books/heldout: Gatsby and Alice)."]
     lines.append("\n| scheme | train s/step | final train loss | eval s |\n|---|---:|---:|---:|")
     for s in schemes:
@@ -156,10 +163,10 @@ def write_table(args, schemes: list[str]) -> str:
     sections = ["\n".join(lines)]
     for mode in ("nonoverlapping", "sliding"):
         columns = {LABELS[s]: results[s][mode] for s in schemes}
-        title = f"### {mode}" + (f" (stride = {args.stride_ratio:g} x eval length)" if mode == "sliding" else "")
+        title = f"### {mode}" + (f" (stride = {stride_ratio:g} x eval length)" if mode == "sliding" else "")
         sections.append(title + "\n\n" + markdown_table(lengths, columns))
-        plot_curves(lengths, columns, args.train_len, args.out / f"{mode}.png",
-                    f"held-out books, {mode}: trained at {args.train_len}")
+        plot_curves(lengths, columns, train_len, args.out / f"{mode}.png",
+                    f"held-out books, {mode}: trained at {train_len}")
     table = "\n\n".join(sections)
     (args.out / "table.md").write_text(table + "\n")
     return table
@@ -170,11 +177,11 @@ def main(argv=None) -> int:
     schemes = args.schemes.split(",")
     lengths = [args.train_len * int(m) for m in args.multiples.split(",")]
     autocast = torch.bfloat16 if args.precision == "bf16" else None
-    args.out.mkdir(parents=True, exist_ok=True)
-    print(f"torch threads {torch.get_num_threads()}; schemes {schemes}; eval lengths {lengths}", flush=True)
     if args.table_only:
         print(write_table(args, schemes))
         return 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    print(f"torch threads {torch.get_num_threads()}; schemes {schemes}; eval lengths {lengths}", flush=True)
 
     shards = args.out / "data" / f"books-train-seq{args.train_len}"
     shards.parent.mkdir(parents=True, exist_ok=True)
