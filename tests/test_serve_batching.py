@@ -10,13 +10,13 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from mptkit.inference.batching import FINISH_LENGTH, FINISH_STOP, Scheduler, Sequence, key_buckets
+from mptkit.inference.batching import FINISH_LENGTH, FINISH_STOP, Scheduler, Sequence
 from mptkit.inference.decode import Decoder
 from mptkit.inference.sampling import SamplingParams
 from mptkit.model import MPTConfig, MPTForCausalLM
 
 VOCAB = 256
-CONTEXT = 300  # key buckets 128, 256, 300: long requests make the pool move its rows
+CONTEXT = 300  # long requests make the pool move its rows
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -45,15 +45,17 @@ def alone(decoder: Decoder, sequence: Sequence) -> list[int]:
 
 
 def run(scheduler: Scheduler, arrivals: dict[int, list[Sequence]], max_steps: int = 5000,
-        widths: set[int] | None = None) -> int:
+        widths: set[int] | None = None, windows: set[tuple[int, int]] | None = None) -> int:
     """Add each step's arrivals before that step; run until all are done. Returns the steps run;
-    `widths` collects how many rows the decode steps ran."""
+    `widths` collects how many rows the decode steps ran, `windows` their key columns [first, end)."""
     step = 0
     while step <= max(arrivals) or scheduler.has_work:
         for sequence in arrivals.get(step, []):
             scheduler.add(sequence)
         if widths is not None and scheduler.decoding:
             widths.add(scheduler.pool.rows_in_use())
+        if windows is not None and scheduler.decoding:
+            windows.add(scheduler.pool.window())
         scheduler.step()
         step += 1
         assert step < max_steps
@@ -95,7 +97,7 @@ def test_greedy_ids_equal_running_each_request_alone(variant):
     assert all(s.finish_reason == FINISH_LENGTH for s in sequences)
     assert [s.tokens for s in sequences] == [alone(decoder, s) for s in sequences]
     assert len({t for s in sequences for t in s.tokens}) > 30  # a non-trivial output
-    assert scheduler.pool.shifts > 0  # rows were moved (compaction, room for a long prompt)
+    assert scheduler.pool.shifts > 0  # rows were moved (the end of the cache, room for a long prompt)
     assert scheduler.pool.free_slots == 3 and not scheduler.pool.starts
 
 
@@ -166,13 +168,6 @@ def test_stop_tokens_and_a_full_context_end_a_sequence():
         scheduler.add(Sequence(prompt(96, 2), SamplingParams()))
 
 
-def test_key_buckets():
-    assert key_buckets(96) == [96]
-    assert key_buckets(300) == [128, 256, 300]
-    assert key_buckets(2048) == [128, 256, 512, 1024, 2048]
-    assert key_buckets(65536) == [512, 1024, 2048, 4096, 8192, 16384, 32768, 65536]  # at most 8 graphs
-
-
 def _compiled_traffic_makes_no_new_graphs(context: int, arrivals: dict[int, list[Sequence]]):
     decoder = Decoder(pool_model(context=context, attn_config={"attn_impl": "sdpa"}))
     torch._dynamo.reset()
@@ -180,20 +175,21 @@ def _compiled_traffic_makes_no_new_graphs(context: int, arrivals: dict[int, list
     scheduler = Scheduler(decoder, slots=3, prefill_chunk=32, compile=True)
     scheduler.pool.warm_up()
     graphs = counters["stats"]["unique_graphs"]
-    # one row, and any number of rows, for any key length; the pool's full width apart
-    assert graphs == (2 if len(scheduler.pool.buckets) == 1 else 4)
-    widths = set()
+    assert graphs == 2  # one row, and any number of rows, for any key width
+    widths, windows = set(), set()
     with torch._dynamo.config.patch(error_on_recompile=True):
-        run(scheduler, arrivals, widths=widths)
+        run(scheduler, arrivals, widths=widths, windows=windows)
     assert counters["stats"]["unique_graphs"] == graphs
     assert {1, 2, 3} <= widths  # the traffic ran steps of one, two and three rows
+    # ... over key windows of many widths, most not starting at the cache's first column
+    assert len({end - first for first, end in windows}) > 20 and any(first > 0 for first, _ in windows)
     sequences = sum(arrivals.values(), [])
     assert [s.tokens for s in sequences] == [alone(decoder, s) for s in sequences]
 
 
 def test_compiled_step_does_not_recompile_as_requests_come_and_go():
-    """One key bucket (a short context): requests joining and leaving the pool, changing how many
-    rows a step runs, add no graph."""
+    """Requests joining and leaving the pool, changing how many rows a step runs and which key
+    columns it reads, add no graph."""
     arrivals = {0: [Sequence(prompt(5, 0), SamplingParams(max_new_tokens=40))],
                 3: [Sequence(prompt(40, 1), SamplingParams(max_new_tokens=20)),
                     Sequence(prompt(9, 2), SamplingParams(max_new_tokens=60, temperature=1.0, seed=3))],
@@ -202,6 +198,6 @@ def test_compiled_step_does_not_recompile_as_requests_come_and_go():
 
 
 @pytest.mark.slow
-def test_compiled_step_moves_between_key_buckets_without_recompiling():
-    """Three key buckets, all compiled at warm-up; traffic crosses them (~50 s on 2 cores)."""
+def test_compiled_step_does_not_recompile_when_the_rows_move():
+    """Longer traffic in a context it fills, so that the rows move (~50 s on 2 cores)."""
     _compiled_traffic_makes_no_new_graphs(CONTEXT, traffic(lambda index, new: SamplingParams(max_new_tokens=new)))

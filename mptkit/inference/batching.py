@@ -12,13 +12,13 @@ layout of `Decoder.generate` with a per-row start in place of per-row padding, s
   causal rule holds trivially and the key-validity mask hides every column outside [start, P];
 - RoPE and learned positions read P - start, the row's own position (`cache.padding` = start).
 
-P grows by one per step. Attention reads only the first `bucket(P + 1)` columns (powers of two,
-at most `MAX_KEY_BUCKETS` of them), so the pool is compacted, every row moved left by the smallest
-start, when that brings P under a smaller bucket or when P reaches the end of the cache. A step
-also runs only the rows up to the highest slot in use (slots are taken lowest first): a lone
-request costs a one-row step, not the whole pool's (on a 2-core CPU, mpt-125m bf16: 17 ms against
-44 ms for 32 rows). The step is compiled twice, for one row and for any number of rows, each graph
-taking any key length (those sizes dynamic), both at start-up (`SlotPool.warm_up`).
+P grows by one per step. A step's attention reads only the columns [first, P], `first` being the
+lowest start in use (a view of the cache, its width dynamic in the compiled graphs): columns
+left of every row's keys cost nothing. The rows move left, by that lowest start, only when P
+reaches the end of the cache. A step also runs only the rows up to the highest slot in use (slots
+are taken lowest first): a lone request costs a one-row step, not the whole pool's (on a 2-core
+CPU, mpt-125m bf16: 17 ms against 44 ms for 32 rows). The step is compiled twice, for one row and
+for any number of rows, each graph taking any key width, both at start-up (`SlotPool.warm_up`).
 
 Prompts are prefilled outside the pool, in a staging cache of their own: prompts that fit in
 `prefill_chunk` tokens (padding included) together as one left-padded batch, a longer one alone
@@ -46,24 +46,11 @@ from .decode import Decoder, StaticKVCache, enable_compiled_decoding
 from .sampling import BatchSampler, SamplingParams
 
 DEFAULT_PREFILL_CHUNK = 256  # prompt tokens per iteration (padding included)
-MIN_KEY_BUCKET = 128  # the shortest key length a decode step attends over
-MAX_KEY_BUCKETS = 8  # key lengths a step may attend over
 
 FINISH_STOP = "stop"  # a stop token
 FINISH_LENGTH = "length"  # max_new_tokens, or the context window is full
 
 WAITING, PREFILLING, DECODING, FINISHED = "waiting", "prefilling", "decoding", "finished"
-
-
-def key_buckets(length: int) -> list[int]:
-    """The key lengths a step may attend over: powers of two from MIN_KEY_BUCKET, then `length`
-    itself; the largest MAX_KEY_BUCKETS of them."""
-    buckets = {length}
-    size = MIN_KEY_BUCKET
-    while size < length:
-        buckets.add(size)
-        size *= 2
-    return sorted(buckets)[-MAX_KEY_BUCKETS:]
 
 
 def compile_unavailable_reason(device: torch.device) -> str | None:
@@ -113,26 +100,26 @@ def _step_over_rows(decoder: Decoder, tokens: torch.Tensor, cache: StaticKVCache
     return decoder.decode_step(tokens, cache)
 
 
-def _window(cache: StaticKVCache, rows: int, columns: int, dynamic: bool) -> StaticKVCache:
-    """A cache whose tensors are views of `cache`'s first `rows` rows and `columns` key columns
-    (writes go to the pool). `dynamic` (for compiling): both sizes are marked dynamic (rows only
-    when more than one: a one-row step has graphs of its own), so that one compiled graph serves
-    the windows; dynamo keeps a window as wide as the pool's whole cache static (its views are then
-    the base's full size), so that one has a graph of its own."""
+def _window(cache: StaticKVCache, rows: int, first: int, end: int, dynamic: bool) -> StaticKVCache:
+    """A cache whose tensors are views of `cache`'s first `rows` rows and key columns [first, end)
+    (writes go to the pool), with write position and row starts counted from `first`. `dynamic`
+    (for compiling): both sizes are marked dynamic (rows only when more than one: a one-row step
+    has a graph of its own), so that one compiled graph serves every window. The pool's cache is
+    one column wider than any window, because dynamo keeps a view as large as its base static."""
     view = copy.copy(cache)
-    view.keys = [keys[:rows, :, :columns] for keys in cache.keys]
-    view.values = [values[:rows, :, :columns] for values in cache.values]
-    view.key_valid, view.padding = cache.key_valid[:rows, :columns], cache.padding[:rows]
+    view.keys = [keys[:rows, :, first:end] for keys in cache.keys]
+    view.values = [values[:rows, :, first:end] for values in cache.values]
+    view.key_valid = cache.key_valid[:rows, first:end]
+    view.padding = cache.padding[:rows] - first
+    view.write_positions = cache.write_positions - first
     view.visible = None  # every column of the views
-    if not dynamic:
-        return view
-    if columns < cache.max_length:
+    if dynamic:
         for tensor in (*view.keys, *view.values):
             torch._dynamo.mark_dynamic(tensor, 2)
         torch._dynamo.mark_dynamic(view.key_valid, 1)
-    if rows > 1:
-        for tensor in (*view.keys, *view.values, view.key_valid, view.padding):
-            torch._dynamo.mark_dynamic(tensor, 0)
+        if rows > 1:
+            for tensor in (*view.keys, *view.values, view.key_valid, view.padding):
+                torch._dynamo.mark_dynamic(tensor, 0)
     return view
 
 
@@ -146,7 +133,7 @@ class SlotPool:
         self.slots = slots
         self.length = decoder.context_length
         self.device = decoder.device
-        cache = StaticKVCache(decoder.model, slots, self.length)
+        cache = StaticKVCache(decoder.model, slots, self.length + 1)  # the last column unused: see `_window`
         cache.key_valid.zero_()
         cache.write_positions = torch.zeros(1, dtype=torch.long, device=self.device)
         self.cache = cache
@@ -154,10 +141,8 @@ class SlotPool:
         self.starts: dict[int, int] = {}  # slot -> its first key column, for slots holding keys
         self.occupied = torch.zeros(slots, dtype=torch.bool, device=self.device)
         self._free = list(range(slots))  # a heap: the lowest free slot first
-        self.buckets = key_buckets(self.length)
-        self.shifts = 0  # times the rows were moved (compaction, or room for a long prompt)
+        self.shifts = 0  # times the rows were moved (at the end of the cache, or room for a long prompt)
         self.compiled = compile
-        self._views: dict[tuple[int, int], StaticKVCache] = {}  # (rows, columns) -> `_window`
         self._step_one, self._step_many = _step_one_row, _step_over_rows
         if compile:
             enable_compiled_decoding()
@@ -194,14 +179,12 @@ class SlotPool:
         self.occupied[slot] = True
         self.starts[slot] = start
 
-    def bucket(self, needed: int) -> int:
-        return next(b for b in self.buckets if b >= needed)
-
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per slot (slots, 1) at column P; logits (rows_in_use(), V), a row per
         slot up to the highest in use. Empty slots' logits are meaningless."""
-        self._compact()
+        if self.write >= self.length and self.starts:
+            self._shift(-min(self.starts.values()))
         if self.write >= self.length:
             raise RuntimeError("slot pool: no column left to write (a row outlived the context)")
         logits = self._run_step(tokens)
@@ -212,16 +195,17 @@ class SlotPool:
         """The rows a step runs: up to the highest slot holding keys (at least one)."""
         return max(self.starts, default=0) + 1
 
+    def window(self) -> tuple[int, int]:
+        """The key columns [first, end) the next step reads: from the lowest start in use to P."""
+        return min(self.starts.values(), default=0), self.write + 1
+
     def _run_step(self, tokens: torch.Tensor, rows: int | None = None) -> torch.Tensor:
         """Logits (rows, V) of the first `rows` slots (default: `rows_in_use`)."""
         rows = self.rows_in_use() if rows is None else rows
         cache = self.cache
         cache.key_valid[:, self.write] = self.occupied
         cache.write_positions.fill_(self.write)
-        window = (rows, self.bucket(self.write + 1))
-        if window not in self._views:
-            self._views[window] = _window(cache, *window, dynamic=self.compiled)
-        view = self._views[window]
+        view = _window(cache, rows, *self.window(), dynamic=self.compiled)
         tokens = tokens[:rows]
         if rows > 1 and self.compiled:
             torch._dynamo.mark_dynamic(tokens, 0)
@@ -229,29 +213,22 @@ class SlotPool:
 
     @torch.no_grad()
     def warm_up(self) -> float:
-        """Run (and so compile) the step once for every key bucket, before any slot is used; the
-        seconds it took."""
+        """Run (and so compile) the step once for one row and once for all slots, before any slot
+        is used; the seconds it took."""
         if self.starts:
             raise RuntimeError("slot pool: warm up before admitting requests")
         began = time.perf_counter()
         tokens = torch.zeros(self.slots, 1, dtype=torch.long, device=self.device)
+        # a key width unlike the row counts: dynamo would take equal sizes for one symbol
+        width = self.length if self.length != self.slots else self.length - 1
         for rows in sorted({1, self.slots}):
-            for bucket in sorted({*self.buckets[:2], self.buckets[-1]}):  # see `_window`
-                self.write = bucket - 1
-                self._run_step(tokens, rows)
+            self.write = width - 1
+            self._run_step(tokens, rows)
         self.write = 0
         self.cache.key_valid.zero_()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - began
-
-    def _compact(self) -> None:
-        if not self.starts:
-            self.write = 0
-            return
-        lowest = min(self.starts.values())
-        if lowest and (self.write >= self.length or self.bucket(self.write + 1 - lowest) < self.bucket(self.write + 1)):
-            self._shift(-lowest)
 
     def _shift(self, offset: int) -> None:
         """Move every row's keys `offset` columns (left when negative) and P with them."""

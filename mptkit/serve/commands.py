@@ -108,9 +108,8 @@ def _build_engine(args: argparse.Namespace):
     engine = Engine(decoder, tokenizer, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
                     prefill_chunk=args.prefill_chunk, compile=compile)
     if compile:
-        buckets = engine.scheduler.pool.buckets
-        print(f"mptkit serve: compiling the decode step for {args.max_batch_size} slots x key lengths "
-              f"{', '.join(map(str, buckets))} ({len(buckets)} graphs); /health is 503 until it is done",
+        print(f"mptkit serve: compiling the decode step for one row and for up to {args.max_batch_size} rows "
+              f"(2 graphs, any key width); /health is 503 until it is done",
               file=sys.stderr, flush=True)
     return engine
 
