@@ -84,6 +84,7 @@ VARIANTS = {
     "rope-sdpa": {"attn_config": {"alibi": False, "rope": True, "attn_impl": "sdpa"}},
     "learned-pos": {"learned_pos_emb": True, "attn_config": {"alibi": False}},
     "sliding-window": {"attn_config": {"sliding_window_size": 7}},
+    "head-dim-9": {"d_model": 36, "n_heads": 4},  # 36-byte key columns: windows start at multiples of 4
 }
 
 

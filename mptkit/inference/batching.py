@@ -36,6 +36,7 @@ from __future__ import annotations
 import collections
 import copy
 import heapq
+import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -142,6 +143,10 @@ class SlotPool:
         self.occupied = torch.zeros(slots, dtype=torch.bool, device=self.device)
         self._free = list(range(slots))  # a heap: the lowest free slot first
         self.shifts = 0  # times the rows were moved (at the end of the cache, or room for a long prompt)
+        # windows start at a multiple of this many columns, so that the views' data stay 16-byte
+        # aligned (what inductor's Triton kernels are compiled to assume); 1 for head_dim 64 in bf16
+        column_bytes = cache.keys[0].shape[-1] * cache.keys[0].element_size()
+        self._first_multiple = 16 // math.gcd(16, column_bytes)
         self.compiled = compile
         self._step_one, self._step_many = _step_one_row, _step_over_rows
         if compile:
@@ -197,7 +202,8 @@ class SlotPool:
 
     def window(self) -> tuple[int, int]:
         """The key columns [first, end) the next step reads: from the lowest start in use to P."""
-        return min(self.starts.values(), default=0), self.write + 1
+        lowest = min(self.starts.values(), default=0)
+        return lowest - lowest % self._first_multiple, self.write + 1
 
     def _run_step(self, tokens: torch.Tensor, rows: int | None = None) -> torch.Tensor:
         """Logits (rows, V) of the first `rows` slots (default: `rows_in_use`)."""
