@@ -201,7 +201,8 @@ class SlotPool:
         return max(self.starts, default=0) + 1
 
     def window(self) -> tuple[int, int]:
-        """The key columns [first, end) the next step reads: from the lowest start in use to P."""
+        """The key columns [first, end) the next step reads: from the lowest start in use (rounded
+        down to a multiple of `_first_multiple`) to P."""
         lowest = min(self.starts.values(), default=0)
         return lowest - lowest % self._first_multiple, self.write + 1
 
