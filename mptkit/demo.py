@@ -289,7 +289,7 @@ def answer(cfg: DemoConfig, model_dir: Path, prompt: str) -> Reply:
 
 # ---- the summary ----------------------------------------------------------------------------------
 
-MPT_7B_COMPUTE = 6.65e9 * 1e12  # parameters x training tokens of MPT-7B (MPT.md)
+MPT_7B_COMPUTE = 6.65e9 * 1e12  # 6.65B parameters x 1T training tokens (the MPT-7B model card)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""A float64 MPT written from the spec (MPT.md), independent of mptkit's model code.
+"""A float64 MPT written from the published definitions (llm-foundry's MPT, the ALiBi paper),
+independent of mptkit's model code.
 
 Slow and literal on purpose: explicit per-(batch, head) score matrices, masks from their
 definitions, slopes from the closed form. Used as the oracle for features transformers' MPT lacks.

@@ -1,4 +1,5 @@
-"""Every attention backend against a float64 reference written from the definitions (MPT.md §2).
+"""Every attention backend against a float64 reference written from the definitions (scaled dot-product
+attention; ALiBi's bias -slope * distance, Press et al. 2022).
 
 Forward outputs and the gradients with respect to q, k and v, in fp32 and bf16, across head layouts
 (MHA / GQA / MQA, an odd head count), masks (causal, left padding, packed documents, prefix-LM

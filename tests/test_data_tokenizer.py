@@ -28,7 +28,7 @@ def neox():
 
 
 def test_bundled_tokenizer_has_mpt_special_tokens(neox):
-    # MPT.md section 3: <|endoftext|> = 0 is bos/eos/unk, <|padding|> = 1, pad = eos, 50,277 base
+    # The conventions of MosaicML's MPT tokenizers: <|endoftext|> = 0 is bos/eos/unk, <|padding|> = 1, pad = eos, 50,277 base
     # ids; mpt-7b-chat appended the ChatML markers as 50277 and 50278.
     assert (neox.bos_token_id, neox.eos_token_id, neox.unk_token_id, neox.pad_token_id) == (0, 0, 0, 0)
     assert neox.convert_tokens_to_ids("<|padding|>") == 1

@@ -1,6 +1,6 @@
 """Tokenizers: the bundled GPT-NeoX-20B tokenizer, local HF tokenizers, and training a new one.
 
-Every tokenizer mptkit hands out follows the MPT conventions (MPT.md section 3): `<|endoftext|>` is
+Every tokenizer mptkit hands out follows the conventions of MosaicML's MPT tokenizers: `<|endoftext|>` is
 bos, eos and unk, the pad token is eos, padding is on the left (for batched generation; training
 collators pad on the right themselves), and the ChatML markers `<|im_start|>` / `<|im_end|>` exist as
 special tokens (added after the base vocabulary when missing, as mpt-7b-chat did), with

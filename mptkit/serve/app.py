@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP API (MPT.md section 5) over an engine (engine.py).
+"""The OpenAI-compatible HTTP API (the /v1 subset below) over an engine (engine.py).
 
     GET  /v1/models             the one served model
     POST /v1/completions        prompt -> text (prompt may be a list: one choice per prompt)

@@ -1,8 +1,9 @@
 """What a user watches during training: throughput and MFU, JSONL / TensorBoard / W&B logs, the
 loss curve.
 
-MFU follows MPT.md: model FLOPs per token = 6 * N + 12 * n_layers * d_model * seq_len (N counts
-every parameter, the tied embedding included); MFU = achieved FLOP/s / peak FLOP/s. On CPU the peak
+MFU as the PaLM paper (Chowdhery et al. 2022, appendix B) and llm-foundry count it: model FLOPs
+per token = 6 * N + 12 * n_layers * d_model * seq_len (N counts every parameter, the tied
+embedding included); MFU = achieved FLOP/s / peak FLOP/s. On CPU the peak
 is a GEMM of the training dtype measured at start; on GPUs it is the datasheet dense peak.
 """
 
@@ -34,7 +35,7 @@ _GPU_BF16_PEAK_TFLOPS = {
 
 
 def flops_per_token(n_params: int, n_layers: int, d_model: int, seq_len: int) -> int:
-    """Training FLOPs (forward + backward) per token, MPT.md's formula."""
+    """Training FLOPs (forward + backward) per token, PaLM's formula (see the module docstring)."""
     return 6 * n_params + 12 * n_layers * d_model * seq_len
 
 
