@@ -29,8 +29,8 @@ from mptkit.adapters import (
 from mptkit.cli import main as mptkit_main
 from mptkit.data.tokenizer import load_tokenizer
 from mptkit.loading import latest_checkpoint, load
-from mptkit.model import ConfigError, MPTConfig, MPTForCausalLM
-from mptkit.train.config import load_config
+from mptkit.model import MPTConfig, MPTForCausalLM
+from mptkit.train.config import ConfigError, load_config
 from mptkit.train.loop import build_training_state, forward_backward, train, train_step
 from mptkit.train.parallel import DistributedEnv
 

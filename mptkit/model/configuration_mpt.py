@@ -27,6 +27,7 @@ from typing import Any
 from transformers import PretrainedConfig
 
 from .alibi import DEFAULT_ALIBI_BIAS_MAX
+from .presets import preset_fields
 
 ATTN_TYPES = {"multihead_attention", "multiquery_attention", "grouped_query_attention"}
 ATTN_IMPLS = ("auto", "torch", "sdpa", "flex", "flash")
@@ -53,23 +54,21 @@ def _generic_config_keys() -> set[str]:
 
 
 class ConfigError(ValueError):
-    """An invalid configuration: the one error type of mptkit's configs (the model's and a training run's).
+    """An invalid model configuration.
 
     `field` is the dotted name of the bad field (None when no single field is to blame), `message`
-    says what is wrong, `scope` names the config the field belongs to ("MPTConfig") and `where`
-    where the value was set (a file:line, a command-line override). str() joins what is known:
-    "where: scope.field: message", e.g. "MPTConfig.attn_config.alibi_bias_max: expected > 0, got -1"
-    or "run.yaml:7: model.attn_config.alibi_bias_max: expected > 0, got -1".
+    says what is wrong and `scope` names the config the field belongs to ("MPTConfig"). str() joins
+    them: "MPTConfig.attn_config.alibi_bias_max: expected > 0, got -1". A training run's config
+    raises its own error (mptkit.train.typed_yaml), which adds where the value was set.
     """
 
-    def __init__(self, message: str, *, field: str | None = None, scope: str | None = None,
-                 where: str | None = None):
-        self.message, self.field, self.scope, self.where = message, field, scope, where
+    def __init__(self, message: str, *, field: str | None = None, scope: str | None = None):
+        self.message, self.field, self.scope = message, field, scope
         super().__init__(str(self))
 
     def __str__(self) -> str:
         name = ".".join(part for part in (self.scope, self.field) if part)
-        return ": ".join(part for part in (self.where, name, self.message) if part)
+        return ": ".join(part for part in (name, self.message) if part)
 
     def __reduce__(self):  # keyword-only arguments: rebuild from the message, then restore the rest
         return (type(self), (self.message,), dict(self.__dict__))
@@ -360,6 +359,4 @@ class MPTConfig(PretrainedConfig):
 
         `attn_config` / `init_config` / `ffn_config` overrides are merged into the preset's dicts.
         """
-        from .presets import preset_fields
-
         return cls(**merge_config_fields(preset_fields(name), overrides))

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import copy
 
-from .configuration_mpt import merge_config_fields
-
 # Every published MPT (hub config.json of mosaicml/mpt-7b*, mpt-30b) differs from MPTConfig's defaults
 # (llm-foundry's) only in its shape and in ALiBi being on: its expansion_ratio 4, vocab_size 50432,
 # low_precision_layernorm without biases, alibi_bias_max 8, attn_pdrop 0, no clip_qkv, qk_ln or
@@ -17,9 +15,11 @@ from .configuration_mpt import merge_config_fields
 _HUB_COMMON = {"attn_config": {"alibi": True}}
 
 
-def _shape(d_model: int, n_heads: int, n_layers: int, **extra) -> dict:
-    """A hub-style preset of this shape; `extra` fields (max_seq_len, attn_config, ...) merged over it."""
-    return merge_config_fields(_HUB_COMMON, dict(d_model=d_model, n_heads=n_heads, n_layers=n_layers, **extra))
+def _shape(d_model: int, n_heads: int, n_layers: int, attn_config: dict | None = None, **extra) -> dict:
+    """A hub-style preset of this shape; `extra` fields (max_seq_len, ...) beside it, `attn_config`
+    keys over the common ones. Plain data: this module imports nothing of the model."""
+    attn = {**_HUB_COMMON["attn_config"], **(attn_config or {})}
+    return dict(d_model=d_model, n_heads=n_heads, n_layers=n_layers, **extra, attn_config=attn)
 
 
 PRESETS: dict[str, dict] = {

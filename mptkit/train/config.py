@@ -19,11 +19,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from mptkit.adapters import DEFAULT_TARGET_MODULES
 from mptkit.loading import CHECKPOINTS_DIR
-
-# The one ConfigError family: the model's error class, raised here too (with the file:line in `where`).
-from mptkit.model.configuration_mpt import ConfigError
+from mptkit.model.configuration_mpt import ConfigError as ModelConfigError
 
 from . import typed_yaml
+from .typed_yaml import ConfigError
 
 if TYPE_CHECKING:
     from mptkit.model import MPTConfig
@@ -229,7 +228,7 @@ def check_config(config: RunConfig) -> RunConfig:
     if config.model.init_from is None:
         try:
             config.model.preset_config()
-        except ConfigError as exc:
+        except ModelConfigError as exc:
             raise ConfigError(exc.message, field=typed_yaml.join("model", exc.field), where="config") from None
     _check_relations(config, typed_yaml.Origins())
     return config
@@ -265,7 +264,7 @@ def _read_model_section(value: Any, key: str, reader: typed_yaml.Reader) -> Mode
     if init_from is None:  # an init_from model's fields are known only when the run reads it
         try:
             section.preset_config()
-        except ConfigError as exc:
+        except ModelConfigError as exc:
             reader.fail(typed_yaml.join(key, exc.field), exc.message)
         except (ValueError, TypeError) as exc:  # a value of a type MPTConfig's checks cannot compare
             reader.fail(key, str(exc))

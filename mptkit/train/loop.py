@@ -47,6 +47,7 @@ from mptkit.loading import (
     resolve_checkpoint,
 )
 from mptkit.model import MPTConfig, MPTForCausalLM
+from mptkit.model.configuration_mpt import ConfigError as ModelConfigError
 from mptkit.model.configuration_mpt import merge_config_fields
 
 from . import lora
@@ -82,11 +83,11 @@ def init_source(config: RunConfig) -> ModelSource | None:
     try:
         source = find_source(config.model.init_from)
     except FileNotFoundError as exc:
-        raise ConfigError(str(exc), field="init_from", scope="model") from None
+        raise ConfigError(str(exc), field="model.init_from") from None
     if source.format == "training-checkpoint" and (base := read_base_identity(source.path)) is not None:
         raise ConfigError(f"{source.path} is a LoRA run's checkpoint: it holds adapter weights only. Start from its "
                           f"base ({base.short()}), or merge the adapter into it first (mptkit export BASE OUT "
-                          "--merge-lora ADAPTER)", field="init_from", scope="model")
+                          "--merge-lora ADAPTER)", field="model.init_from")
     return source
 
 
@@ -96,7 +97,10 @@ def resolve_model_config(config: RunConfig) -> MPTConfig:
     source = init_source(config)
     if source is None:
         return section.preset_config()
-    return MPTConfig.from_dict(merge_config_fields(read_config_fields(source), section.overrides))
+    try:
+        return MPTConfig.from_dict(merge_config_fields(read_config_fields(source), section.overrides))
+    except ModelConfigError as exc:
+        raise ConfigError(exc.message, field=f"model.{exc.field}") from None
 
 
 def initial_model(config: RunConfig, model_config: MPTConfig, dtype: torch.dtype = torch.float32) -> nn.Module:

@@ -24,10 +24,25 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
-from mptkit.model.configuration_mpt import ConfigError
-
 T = TypeVar("T")
 CustomReader = Callable[[Any, str, "Reader"], Any]
+
+
+class ConfigError(ValueError):
+    """An invalid value in a config file or override: `message`, the dotted `field` to blame (None when
+    no single field is) and `where` it was set (a file:line, a command-line override). str() joins
+    what is known: "run.yaml:7: model.attn_config.alibi_bias_max: expected > 0, got -1".
+    """
+
+    def __init__(self, message: str, *, field: str | None = None, where: str | None = None):
+        self.message, self.field, self.where = message, field, where
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        return ": ".join(part for part in (self.where, self.field, self.message) if part)
+
+    def __reduce__(self):  # keyword-only arguments: rebuild from the message, then restore the rest
+        return (type(self), (self.message,), dict(self.__dict__))
 
 
 def load(cls: type[T], path: str | Path | None, overrides: list[str] = (), *,
