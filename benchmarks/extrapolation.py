@@ -35,7 +35,7 @@ from mptkit.eval.extrapolation import markdown_table, plot_curves, sweep  # noqa
 from mptkit.data.tokenizer import load_tokenizer  # noqa: E402
 from mptkit.data.sources import read_texts  # noqa: E402
 from mptkit.eval.perplexity import tokenize_documents  # noqa: E402
-from mptkit.train.config import load_config  # noqa: E402
+from mptkit.train.config import load_run  # noqa: E402
 from mptkit.export.hf import export_hf  # noqa: E402
 from mptkit.loading import load_model  # noqa: E402
 from mptkit.train.loop import train  # noqa: E402
@@ -105,9 +105,9 @@ def train_scheme(args, scheme: str, shards: Path) -> dict:
         f"logging.interval={max(1, args.steps // 50)}",
         "logging.tensorboard=false",
     ]
-    config = load_config(None, overrides)
+    run = load_run(None, overrides)
     started = time.perf_counter()
-    result = train(config)
+    result = train(run)
     seconds = time.perf_counter() - started
     export_hf(result.checkpoint, run_dir / "model")
     last = sorted(result.losses)[-10:]

@@ -91,9 +91,9 @@ def run_variant(args) -> dict:
     """In the child: build one variant with the trainer's code, step it, measure."""
     import torch
 
-    from mptkit.adapters import BaseIdentity
+    from mptkit.adapters import BaseIdentity, LoraSpec
     from mptkit.model import MPTConfig
-    from mptkit.train.config import LoraConfig, ModelConfig, OptimizerConfig, RunConfig, TrainConfig
+    from mptkit.train.config import ModelConfig, OptimizerConfig, ResolvedRun, RunConfig, TrainConfig
     from mptkit.train.loop import build_model, forward_backward, target_count
     from mptkit.train.optim import build_optimizer
     from mptkit.train.parallel import DistributedEnv
@@ -101,14 +101,16 @@ def run_variant(args) -> dict:
     bare = _current_rss_gib()
     lora = None
     if args.variant != "full":
-        lora = LoraConfig(rank=args.rank, alpha=2 * args.rank, base_quantization=BASES[args.variant])
-    run = RunConfig(model=ModelConfig(preset=args.preset), lora=lora, train=TrainConfig(
+        lora = LoraSpec(rank=args.rank, alpha=2 * args.rank, base_quantization=BASES[args.variant])
+    config = RunConfig(model=ModelConfig(preset=args.preset), lora=lora, train=TrainConfig(
         precision=args.precision, activation_checkpointing=args.activation_checkpointing, seq_len=args.seq_len))
     model_config = MPTConfig.from_preset(args.preset, max_seq_len=max(args.seq_len, 128))
+    # Built directly (no data files to check): the run's model is all this benchmark steps.
+    run = ResolvedRun(config=config, model_config=model_config, seq_len=args.seq_len,
+                      lora_base=None if lora is None else BaseIdentity(path=None, sha256="benchmark"))
     env = DistributedEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
     started = time.perf_counter()
-    model = build_model(run, model_config, env, initialize=True,
-                        lora_base=None if lora is None else BaseIdentity(path=None, sha256="benchmark"))
+    model = build_model(run, env, initialize=True)
     build_seconds = time.perf_counter() - started
     optimizer = build_optimizer(model, OptimizerConfig(lr=1e-4))
     built = _current_rss_gib()

@@ -20,13 +20,15 @@ import json
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mptkit.files import staged
+
 DEFAULT_TARGET_MODULES = ("Wqkv", "out_proj", "up_proj", "down_proj")  # MPT's projections
-QUANTIZATIONS = ("none", "bf16", "int8", "nf4")
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 BASE_IDENTITY = "base_identity.json"
@@ -45,13 +47,24 @@ def require_peft():
 
 @dataclass(frozen=True)
 class LoraSpec:
-    """What peft needs to build the adapters (the `lora:` section of a run, or a saved adapter's)."""
+    """A LoRA setup (Hu et al. 2021): the adapters peft builds, and how the frozen base is held. The
+    `lora:` section of a training run, or what a saved adapter records.
+
+    The model's weights stay frozen and each target Linear learns a low-rank update
+    (alpha / rank) * B @ A; only A and B (and modules_to_save) train.
+    """
 
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
+    # Names of the layers to adapt (the last part of their module path); MPT's four projections.
     target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
+    # Modules trained in full beside the adapters (e.g. norm_f, or wte), saved with the adapter.
     modules_to_save: tuple[str, ...] = ()
+    # The frozen base's block projections: as they are (in the precision's dtype); stored in bf16
+    # or int8 and computed in the precision's dtype (any device, one process: bf16 with fp32 compute
+    # is for CPUs without native bf16); nf4 (QLoRA: bitsandbytes, CUDA only).
+    base_quantization: Literal["none", "bf16", "int8", "nf4"] = "none"
 
     def peft_config(self, base_path: str | None = None):
         peft = require_peft()
@@ -182,12 +195,14 @@ def adapter_files(model: nn.Module, trainable_state: dict[str, torch.Tensor], sp
 
 
 def save_adapter(model: nn.Module, directory: str | Path, spec: LoraSpec, base: BaseIdentity) -> Path:
-    """Write the adapter of a (one-process) adapted model to `directory`."""
+    """Write the adapter of a (one-process) adapted model to `directory` (whole, or not at all)."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    for name, content in adapter_files(model, trainable, spec, base).items():
-        (directory / name).write_bytes(content)
+    files = adapter_files(model, trainable, spec, base)
+    with staged(directory, sum(len(content) for content in files.values())) as temp:
+        temp.mkdir()
+        for name, content in files.items():
+            (temp / name).write_bytes(content)
     return directory
 
 
@@ -301,7 +316,8 @@ def _replace_block_linears(model: nn.Module, make) -> int:
 def quantize_base(model: nn.Module, kind: str, compute_dtype: torch.dtype, device: torch.device) -> nn.Module:
     """Store the frozen base's block projections narrower, in place, before `add_lora` wraps them
     (the embedding and norms keep their dtype): bf16 or int8 on any device, computed in
-    `compute_dtype`; nf4 is QLoRA's 4-bit NormalFloat through bitsandbytes, which needs CUDA."""
+    `compute_dtype`; nf4 is QLoRA's 4-bit NormalFloat through bitsandbytes, which needs CUDA (a
+    training run's config is refused without it when it is read)."""
     if kind == "none":
         return model
     if kind in ("int8", "bf16"):
@@ -312,10 +328,6 @@ def quantize_base(model: nn.Module, kind: str, compute_dtype: torch.dtype, devic
                 for param in module.parameters(recurse=False):
                     param.data = param.data.to(compute_dtype)
         return model
-    if kind != "nf4":
-        raise ValueError(f"base quantization {kind!r}: expected one of {', '.join(QUANTIZATIONS)}")
-    if device.type != "cuda":
-        raise ValueError("nf4 needs CUDA (bitsandbytes' 4-bit kernels); on CPU use int8")
     try:
         import bitsandbytes as bnb
     except ImportError:

@@ -128,8 +128,8 @@ def _resolve(paths: tuple[str, ...]) -> list[str]:
     return resolved
 
 
-def measure_step_seconds(config, repeats: int = 2) -> float:
-    """Mean seconds per optimizer step of `config`, timed on the training step itself after one
+def measure_step_seconds(run, repeats: int = 2) -> float:
+    """Mean seconds per optimizer step of a resolved run, timed on the training step itself after one
     warm-up step (the mean, not the best: a busy machine should plan fewer steps, not more).
 
     The run's own data and model are set up as training sets them up; its checkpoints go to a
@@ -137,18 +137,20 @@ def measure_step_seconds(config, repeats: int = 2) -> float:
     """
     from mptkit.train.loop import build_training_state, train_step
 
+    config = run.config
     probe = Path(config.output_dir) / "step-timing"
     shutil.rmtree(probe, ignore_errors=True)
-    state = build_training_state(replace(config, checkpoint=replace(config.checkpoint, dir=str(probe))))
+    # The checkpoint directory takes no part in resolving a run: the resolved run stays valid.
+    state = build_training_state(replace(run, config=replace(config, checkpoint=replace(config.checkpoint, dir=str(probe)))))
     seconds = [train_step(state).elapsed for _ in range(repeats + 1)][1:]
     shutil.rmtree(probe, ignore_errors=True)
     return sum(seconds) / repeats
 
 
-def plan_steps(config, budget: StageBudget, label: str) -> int:
+def plan_steps(run, budget: StageBudget, label: str) -> int:
     if budget.min_steps == budget.max_steps:
         return budget.min_steps
-    seconds = measure_step_seconds(config)
+    seconds = measure_step_seconds(run)
     steps = int(min(max(budget.seconds / seconds, budget.min_steps), budget.max_steps))
     print(f"[demo] {label}: measured {seconds:.2f} s/step -> {steps} steps for a {budget.seconds / 60:.1f}-minute budget",
           flush=True)
@@ -159,9 +161,9 @@ def _stage_config(base_yaml: str, cfg: DemoConfig, *, name: str, out: Path, mode
                   batch: int, seq_len: int):
     """A shipped config, loaded once, with the demo's changes: CPU, no periodic checkpoints or evals
     (the demo evaluates afterwards), a fresh start."""
-    from mptkit.train.config import load_config
+    from mptkit.train.config import load_run
 
-    base = load_config(REPO / base_yaml)
+    base = load_run(REPO / base_yaml).config
     return replace(
         base, name=name, output_dir=str(out), seed=cfg.seed, model=model,
         data=replace(base.data, train=_resolve(data_train), val=_resolve(data_val)),
@@ -176,15 +178,15 @@ def _stage_config(base_yaml: str, cfg: DemoConfig, *, name: str, out: Path, mode
 
 def run_training(config, budget: StageBudget, label: str):
     """Size the stage's steps from a measured step time, then train."""
-    from mptkit.train.config import check_config
+    from mptkit.train.config import resolve
     from mptkit.train.loop import train
 
-    steps = plan_steps(check_config(config), budget, label)
-    config = check_config(replace(config, train=replace(config.train, max_steps=steps),
-                                  schedule=replace(config.schedule, warmup_steps=max(1, steps // 20))))
+    steps = plan_steps(resolve(config), budget, label)
+    run = resolve(replace(config, train=replace(config.train, max_steps=steps),
+                          schedule=replace(config.schedule, warmup_steps=max(1, steps // 20))))
     print(f"[demo] {label}: {steps} steps (the validated run config is saved beside each checkpoint as "
           "run_config.yaml)", flush=True)
-    return config, train(config)
+    return run.config, train(run)
 
 
 def pretrain(cfg: DemoConfig):

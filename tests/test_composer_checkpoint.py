@@ -117,15 +117,14 @@ def test_the_loader_reads_weights_step_and_tokenizer(foundry):
 
 
 def test_a_training_run_starts_from_a_composer_checkpoint(foundry, tmp_path):
-    from mptkit.train.config import load_config
-    from mptkit.train.loop import initial_model, resolve_model_config
+    from mptkit.train.config import load_run
+    from mptkit.train.loop import initial_model
 
     model, path, _ = foundry
-    config = load_config(PRETRAIN_YAML, pretrain_overrides(tmp_path, 2, **{"model.init_from": path,
-                                                                         "model.resid_pdrop": 0.1}))
-    model_config = resolve_model_config(config)
-    assert model_config.resid_pdrop == 0.1 and model_config.d_model == model.config.d_model
-    started = initial_model(config, model_config)
+    run = load_run(PRETRAIN_YAML, pretrain_overrides(tmp_path, 2, **{"model.init_from": path,
+                                                                   "model.resid_pdrop": 0.1}))
+    assert run.model_config.resid_pdrop == 0.1 and run.model_config.d_model == model.config.d_model
+    started = initial_model(run)
     for name, tensor in model.state_dict().items():
         assert torch.equal(started.state_dict()[name], tensor), name
 

@@ -397,13 +397,13 @@ def parity_model(tmp_path_factory):
     if given:
         source = Path(given)
     else:
-        from mptkit.train.config import load_config
+        from mptkit.train.config import load_run
         from mptkit.train.loop import train
 
         from .train_support import PRETRAIN_YAML, pretrain_overrides
 
         source = tmp_path_factory.mktemp("gguf-parity-run")
-        train(load_config(PRETRAIN_YAML, pretrain_overrides(source, steps=40, **{"checkpoint.interval": 40})))
+        train(load_run(PRETRAIN_YAML, pretrain_overrides(source, steps=40, **{"checkpoint.interval": 40})))
         source = source / "checkpoints"
     loaded = load(source, dtype="float32")
     return source, loaded.model, loaded.tokenizer

@@ -13,10 +13,10 @@ DOC = PACKAGE.parent / "docs" / "architecture.md"
 # Bottom to top: an area imports only areas of lower layers. The trainer is a leaf that only the
 # entry points reach, so that reading a model never pulls in the training stack.
 LAYERS = (
-    ("model",),
+    ("model", "files"),
     ("data", "adapters"),
     ("loading",),
-    ("export", "inference", "eval", "train"),
+    ("export", "inference", "eval", "train", "vllm_plugin"),
     ("serve",),
     ("cli", "demo", "__init__"),
     ("__main__",),

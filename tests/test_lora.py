@@ -30,7 +30,7 @@ from mptkit.cli import main as mptkit_main
 from mptkit.data.tokenizer import load_tokenizer
 from mptkit.loading import latest_checkpoint, load
 from mptkit.model import MPTConfig, MPTForCausalLM
-from mptkit.train.config import ConfigError, load_config
+from mptkit.train.config import ConfigError, load_run
 from mptkit.train.loop import build_training_state, forward_backward, train, train_step
 from mptkit.train.parallel import DistributedEnv
 
@@ -103,7 +103,7 @@ def test_adapters_at_init_leave_logits_unchanged_and_freeze_the_base(base):
 def stepped(base, tmp_path_factory):
     """A LoRA run's state before and after 3 optimizer steps (in this process)."""
     out = tmp_path_factory.mktemp("stepped")
-    state = build_training_state(load_config(INSTRUCT_YAML, lora_overrides(out, base, steps=3)))
+    state = build_training_state(load_run(INSTRUCT_YAML, lora_overrides(out, base, steps=3)))
     before = {name: p.detach().clone() for name, p in state.model.named_parameters()}
     position = state.train_stream.state_dict()
     forward_backward(state.model, state.train_stream.next_batch(), state.autocast, 1.0)
@@ -143,7 +143,7 @@ def run(base, tmp_path_factory):
     """8 LoRA steps on the shipped instruct data (its training file; the eval file stays held out)."""
     out = tmp_path_factory.mktemp("lora-run")
     overrides = lora_overrides(out, base, steps=8, **{"data.train": f"[{INSTRUCT_TRAIN}]", "checkpoint.interval": 4})
-    return out, train(load_config(INSTRUCT_YAML, overrides))
+    return out, train(load_run(INSTRUCT_YAML, overrides))
 
 
 def test_a_lora_run_lowers_the_loss_on_the_instruct_data(run):
@@ -297,10 +297,10 @@ def test_sigkill_mid_run_then_resume_gives_bitwise_identical_losses(base, tmp_pa
     # The same run pointed at another base (same shapes, other weights) is refused before it starts.
     other = _save_base(tmp_path / "other-base", seed=1)
     with pytest.raises(ConfigError, match="trained on the base .* but this run's base is .*other-base"):
-        build_training_state(load_config(INSTRUCT_YAML, _resume_argv(out, base)[2:] + [f"model.init_from={other}"]))
+        build_training_state(load_run(INSTRUCT_YAML, _resume_argv(out, base)[2:] + [f"model.init_from={other}"]))
     # ... and so is the checkpoint of a LoRA run as the starting weights of another run.
     with pytest.raises(ConfigError, match="is a LoRA run's checkpoint: it holds adapter weights only"):
-        build_training_state(load_config(INSTRUCT_YAML, lora_overrides(tmp_path / "x", latest_checkpoint(
+        build_training_state(load_run(INSTRUCT_YAML, lora_overrides(tmp_path / "x", latest_checkpoint(
             out / "checkpoints"), steps=1)))
 
 
@@ -380,8 +380,8 @@ def test_frozen_int8_linear_is_the_dequantized_linear_with_its_input_gradient():
 
 
 def test_lora_on_an_int8_base_trains_on_cpu(base, tmp_path):
-    config = load_config(INSTRUCT_YAML, lora_overrides(tmp_path, base, steps=4, **{"lora.base_quantization": "int8"}))
-    state = build_training_state(config)
+    state = build_training_state(load_run(INSTRUCT_YAML, lora_overrides(tmp_path, base, steps=4,
+                                                                       **{"lora.base_quantization": "int8"})))
     wqkv = state.model.transformer.blocks[0].attn.Wqkv
     assert isinstance(wqkv.base_layer, FrozenLinear) and wqkv.base_layer.weight.dtype == torch.int8
     losses = [train_step(state).loss for _ in range(4)]
@@ -404,23 +404,24 @@ def test_lora_on_an_int8_base_trains_on_cpu(base, tmp_path):
 def test_lora_config_errors_name_the_key(base, override, message):
     overrides = ["model.init_from=null", "model.preset=tiny", override]  # a preset: checked when the file is read
     with pytest.raises(ConfigError) as info:
-        load_config(INSTRUCT_YAML, overrides)
+        load_run(INSTRUCT_YAML, overrides)
     assert message in str(info.value) and f"override {override!r}" in str(info.value)
-    with pytest.raises(ConfigError) as info:  # an init_from model: checked when the run reads it
-        build_training_state(load_config(INSTRUCT_YAML, lora_overrides("unused", base, steps=1) + [override]))
-    assert message in str(info.value)
+    with pytest.raises(ConfigError) as info:  # an init_from model: checked when the file is read too
+        load_run(INSTRUCT_YAML, lora_overrides("unused", base, steps=1) + [override])
+    assert message in str(info.value) and f"override {override!r}" in str(info.value)
 
 
-def test_quantized_bases_say_where_they_run(base, monkeypatch):
-    if not torch.cuda.is_available():
-        with pytest.raises(ConfigError, match="lora.base_quantization: nf4 needs CUDA"):
-            load_config(INSTRUCT_YAML, lora_overrides("unused", base, steps=1, **{"lora.base_quantization": "nf4"}))
+def test_quantized_bases_say_where_they_run(base):
+    # train.device=cpu: refused when read on any machine, a CUDA one too.
+    with pytest.raises(ConfigError, match="override 'lora.base_quantization=nf4': lora.base_quantization: nf4 needs CUDA"):
+        load_run(INSTRUCT_YAML, lora_overrides("unused", base, steps=1, **{"lora.base_quantization": "nf4",
+                                                                           "train.device": "cpu"}))
     from mptkit.train import lora
 
-    config = load_config(INSTRUCT_YAML, lora_overrides("unused", base, steps=1, **{"lora.base_quantization": "int8"}))
+    run = load_run(INSTRUCT_YAML, lora_overrides("unused", base, steps=1, **{"lora.base_quantization": "int8"}))
     two_ranks = DistributedEnv(rank=0, local_rank=0, world_size=2, device=torch.device("cpu"))
     with pytest.raises(ConfigError, match=r"lora.base_quantization: int8 \(a compact frozen base\) trains in one process"):
-        lora.check_lora_run(config, MPTConfig.from_preset("tiny"), two_ranks)
+        lora.check_launch(run, two_ranks)
 
 
 @pytest.mark.slow
@@ -428,6 +429,6 @@ def test_lora_with_compile_and_activation_checkpointing_matches_eager(base, tmp_
     """train.compile (per-block torch.compile over peft's layers) and recompute: the same fp32 losses."""
     losses = {}
     for name, extra in (("eager", {}), ("compiled", {"train.compile": "true", "train.activation_checkpointing": "true"})):
-        result = train(load_config(INSTRUCT_YAML, lora_overrides(tmp_path / name, base, steps=3, **extra)))
+        result = train(load_run(INSTRUCT_YAML, lora_overrides(tmp_path / name, base, steps=3, **extra)))
         losses[name] = list(result.losses.values())
     assert losses["compiled"] == pytest.approx(losses["eager"], abs=1e-4)

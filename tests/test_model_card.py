@@ -18,7 +18,7 @@ from mptkit.export.gguf import export_gguf
 from mptkit.export.hf import export_hf
 from mptkit.loading import find_source
 from mptkit.model import MPTConfig, MPTForCausalLM
-from mptkit.train.config import load_config
+from mptkit.train.config import load_run
 from mptkit.train.loop import train
 
 from .test_composer_checkpoint import composer_state
@@ -42,7 +42,7 @@ def run(tmp_path_factory):
     overrides = pretrain_overrides(out, steps=4, **{
         "name": "card-run", "data.val": "[data/books/heldout/pg11.txt.gz]", "eval.interval": 2,
         "eval.max_batches": 2, "checkpoint.interval": 2, "checkpoint.keep_last_n": 2})
-    train(load_config(PRETRAIN_YAML, overrides))
+    train(load_run(PRETRAIN_YAML, overrides))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return out, rows
 

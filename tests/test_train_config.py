@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from mptkit.train.config import ConfigError, RunConfig, load_config
+from mptkit.train.config import ConfigError, RunConfig, load_run
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((REPO / "configs").rglob("*.yaml"))
@@ -17,25 +17,40 @@ def test_the_example_configs_exist():
     assert expected <= names
 
 
+@pytest.fixture(scope="module")
+def stand_in_model(tmp_path_factory):
+    """A small HF-format MPT for the examples whose init_from is a model they expect to exist
+    (a pretraining run's output, a hub download): long enough for their seq_len."""
+    from mptkit.model import MPTConfig, MPTForCausalLM
+
+    directory = tmp_path_factory.mktemp("stand-in")
+    MPTForCausalLM(MPTConfig.from_preset("tiny", max_seq_len=2048)).save_pretrained(directory)
+    return directory
+
+
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.relative_to(REPO / "configs").as_posix())
-def test_every_example_config_validates(path):
-    config = load_config(path)
-    assert isinstance(config, RunConfig)
-    assert config.data.train
+def test_every_example_config_validates(path, stand_in_model):
+    import yaml
+
+    init_from = yaml.safe_load(path.read_text())["model"].get("init_from")
+    run = load_run(path, [f"model.init_from={stand_in_model}"] if init_from else [])
+    assert isinstance(run.config, RunConfig)
+    assert run.config.data.train and run.seq_len <= run.model_config.max_seq_len
 
 
 @pytest.mark.parametrize("path", EXAMPLES[:3], ids=lambda p: p.name)
-def test_the_config_saved_beside_checkpoints_loads_back_unchanged(path, tmp_path):
+def test_the_config_saved_beside_checkpoints_loads_back_unchanged(path, tmp_path, stand_in_model):
     import yaml
 
-    config = load_config(path, ["optimizer.lr=3e-4", "model.attn_config.alibi_bias_max=16"])
+    config = load_run(path, ["optimizer.lr=3e-4", "model.attn_config.alibi_bias_max=16",
+                             f"model.init_from={stand_in_model}"]).config
     saved = tmp_path / "run_config.yaml"
     saved.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    assert load_config(saved) == config
+    assert load_run(saved).config == config
 
 
 def test_storywriter_raises_context_and_alibi_bias_max():
-    config = load_config(REPO / "configs/finetune/storywriter.yaml")
+    config = load_run(REPO / "configs/finetune/storywriter.yaml", ["model.init_from=null", "model.preset=mpt-7b"]).config
     assert config.model.overrides["max_seq_len"] == 65536
     assert config.model.overrides["attn_config"]["alibi_bias_max"] == 16
 
@@ -52,7 +67,7 @@ BASE = "data:\n  train: [some/shards]\n"
 def test_unknown_key_names_file_line_path_and_suggestion(tmp_path):
     path = _write(tmp_path, BASE + "optimizer:\n  name: adamw\n  lr: 1.0e-3\n  weight_decya: 0.1\n")
     with pytest.raises(ConfigError) as info:
-        load_config(path)
+        load_run(path)
     message = str(info.value)
     assert f"{path}:6" in message and "optimizer.weight_decya" in message and "did you mean 'weight_decay'" in message
 
@@ -87,20 +102,20 @@ CONFIG_ERRORS = [
 @pytest.mark.parametrize("text, message", CONFIG_ERRORS)
 def test_config_errors_say_where_and_what_was_expected(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(_write(tmp_path, text))
+        load_run(_write(tmp_path, text))
 
 
 def test_dotted_overrides_apply_and_are_checked(tmp_path):
     path = _write(tmp_path, BASE + "optimizer:\n  lr: 1.0e-3\n")
     # `3e-4` without a dot is a string to YAML 1.1; a float field accepts it.
-    config = load_config(path, ["optimizer.lr=3e-4", "train.max_steps=7", "model.attn_config.alibi_bias_max=16",
-                                "checkpoint.resume=never"])
+    config = load_run(path, ["optimizer.lr=3e-4", "train.max_steps=7", "model.attn_config.alibi_bias_max=16",
+                             "checkpoint.resume=never"]).config
     assert config.optimizer.lr == 3e-4 and config.train.max_steps == 7 and config.checkpoint.resume == "never"
     assert config.model.overrides == {"attn_config": {"alibi_bias_max": 16}}
     with pytest.raises(ConfigError, match=r"override 'train.max_stpes=3': train.max_stpes: unknown key.*'max_steps'"):
-        load_config(path, ["train.max_stpes=3"])
+        load_run(path, ["train.max_stpes=3"])
     with pytest.raises(ConfigError, match=r"expected key=value"):
-        load_config(path, ["train.max_steps"])
+        load_run(path, ["train.max_steps"])
 
 
 def test_model_config_errors_come_back_as_the_run_config_error_with_the_field_and_line(tmp_path):
@@ -109,7 +124,7 @@ def test_model_config_errors_come_back_as_the_run_config_error_with_the_field_an
 
     path = _write(tmp_path, BASE + "model:\n  attn_config:\n    alibi_bias_max: -1\n")
     with pytest.raises(ConfigError) as info:
-        load_config(path)
+        load_run(path)
     error = info.value
     assert (error.where, error.field, error.message) == (f"{path}:5", "model.attn_config.alibi_bias_max",
                                                          "expected > 0, got -1")
@@ -125,12 +140,29 @@ def test_mptkit_train_prints_one_line_for_run_and_model_config_errors(tmp_path, 
     path = _write(tmp_path, BASE + "model:\n  attn_config:\n    alibi_bias_max: -1\n")
     assert main("train", [str(path)]) == 2
     assert capsys.readouterr().err == f"mptkit train: {path}:5: model.attn_config.alibi_bias_max: expected > 0, got -1\n"
-    # An init_from model's fields are checked when the run reads them: the same one line, no traceback.
+    # An init_from model's fields are checked when the file is read too: the same one line, no traceback.
     MPTConfig.from_preset("tiny").save_pretrained(tmp_path / "hf")
     overrides = [f"model.init_from={tmp_path / 'hf'}", "model.attn_config.clip_qkv=-2", f"output_dir={tmp_path / 'out'}",
                  "train.device=cpu"]
-    assert main("train", [str(_write(tmp_path, BASE)), *overrides]) == 2
-    assert capsys.readouterr().err == "mptkit train: model.attn_config.clip_qkv: expected null or > 0, got -2.0\n"
+    assert main("train", [str(_write(tmp_path, BASE)), *overrides, "--print-config"]) == 2
+    assert capsys.readouterr().err == ("mptkit train: override 'model.attn_config.clip_qkv=-2': "
+                                       "model.attn_config.clip_qkv: expected null or > 0, got -2.0\n")
+
+
+def test_a_seq_len_beyond_the_init_from_models_context_fails_when_read_naming_its_line(tmp_path, capsys):
+    from mptkit.model import MPTConfig
+    from mptkit.train.commands import main
+
+    MPTConfig.from_preset("tiny", max_seq_len=128).save_pretrained(tmp_path / "hf")
+    path = _write(tmp_path, BASE + f"model:\n  init_from: {tmp_path / 'hf'}\ntrain:\n  device: cpu\n  seq_len: 256\n")
+    with pytest.raises(ConfigError) as info:
+        load_run(path)
+    assert (info.value.where, info.value.field) == (f"{path}:7", "train.seq_len")
+    assert info.value.message.startswith("256 exceeds the model's max_seq_len=128")
+    assert main("train", [str(path), "--print-config"]) == 2
+    assert capsys.readouterr().err.startswith(f"mptkit train: {path}:7: train.seq_len: 256 exceeds")
+    # Raising the model's context with it makes the same run valid (ALiBi extrapolates).
+    assert load_run(path, ["model.max_seq_len=256"]).seq_len == 256
 
 
 def test_the_yaml_engine_reads_any_dataclasses_and_takes_custom_readers(tmp_path):

@@ -11,7 +11,7 @@ from transformers import MptForCausalLM
 from mptkit.export.hf import export_hf
 from mptkit.loading import latest_checkpoint, list_checkpoints, load_dcp_model_weights
 from mptkit.model import MPTConfig, MPTForCausalLM
-from mptkit.train.config import load_config
+from mptkit.train.config import load_run
 from mptkit.train.loop import (
     AnomalyPolicy,
     LossWatch,
@@ -37,7 +37,7 @@ def pretrained(tmp_path_factory):
         "data.val": "[data/books/heldout/pg11.txt.gz]", "eval.interval": 3, "eval.max_batches": 2,
         "checkpoint.interval": 2, "checkpoint.keep_last_n": 2,
         "logging.tensorboard": "true", "logging.loss_curve_png": "true"})
-    result = train(load_config(PRETRAIN_YAML, overrides))
+    result = train(load_run(PRETRAIN_YAML, overrides))
     return out, result
 
 
@@ -80,11 +80,38 @@ def test_export_writes_a_directory_that_transformers_loads_with_the_same_logits(
     # Training can start from either form of the same weights: the first loss is the same bits.
     first_losses = []
     for init_from in (tmp_path / "hf", checkpoint):
-        config = load_config(PRETRAIN_YAML, pretrain_overrides(
+        run = load_run(PRETRAIN_YAML, pretrain_overrides(
             tmp_path / f"from-{init_from.name}", steps=1,
             **{"model.init_from": init_from, "train.precision": "fp32", "schedule.warmup_steps": 1}))
-        first_losses.append(train(config).losses[1])
+        first_losses.append(train(run).losses[1])
     assert first_losses[0] == first_losses[1]
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_a_run_from_init_from_reads_the_source_once(pretrained, tmp_path, monkeypatch, lora):
+    """Finding model.init_from on disk and reading its config happen once in a whole run (counted in
+    every mptkit module that holds the functions), the LoRA base's identity included."""
+    import sys
+
+    import mptkit.loading as loading
+
+    calls = {"find_source": 0, "read_config_fields": 0}
+    for name in calls:
+        original = getattr(loading, name)
+
+        def counting(*args, _name=name, _original=original, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        for module in list(sys.modules.values()):
+            if getattr(module, "__name__", "").startswith("mptkit") and getattr(module, name, None) is original:
+                monkeypatch.setattr(module, name, counting)
+    out, _ = pretrained
+    extra = {"model.init_from": out / "checkpoints", "train.device": "cpu", "schedule.warmup_steps": 1,
+             **({"lora.rank": 2} if lora else {})}
+    result = train(load_run(PRETRAIN_YAML, pretrain_overrides(tmp_path, steps=1, **extra)))
+    assert result.step == 1 and (result.adapter is not None) == lora
+    assert calls == {"find_source": 1, "read_config_fields": 1}
 
 
 def test_tiny_instruct_finetuning_continues_the_pretrained_checkpoint(pretrained, tmp_path):
@@ -94,13 +121,13 @@ def test_tiny_instruct_finetuning_continues_the_pretrained_checkpoint(pretrained
         "train.micro_batch_size=2", "train.seq_len=128", "schedule.warmup_steps=1", "checkpoint.interval=0",
         "logging.tensorboard=false", "logging.progress_bar=false", "logging.loss_curve_png=false",
         "logging.peak_tflops=1"]
-    result = train(load_config(INSTRUCT_YAML, overrides + [f"model.init_from={out / 'checkpoints'}",
+    result = train(load_run(INSTRUCT_YAML, overrides + [f"model.init_from={out / 'checkpoints'}",
                                                            f"output_dir={tmp_path / 'tuned'}"]))
     assert result.step == 3 and all(math.isfinite(x) for x in result.losses.values())
     assert latest_checkpoint(tmp_path / "tuned" / "checkpoints").name == "step_00000003"
     # Starting from the pretrained weights, the first batch (the same one: same seed and data) costs
     # clearly less than from a fresh initialisation of the same preset.
-    fresh = train(load_config(INSTRUCT_YAML, overrides + ["model.init_from=null", "model.preset=tiny",
+    fresh = train(load_run(INSTRUCT_YAML, overrides + ["model.init_from=null", "model.preset=tiny",
                                                           "train.max_steps=1", f"output_dir={tmp_path / 'fresh'}"]))
     assert result.losses[1] < fresh.losses[1] - 0.3
 
@@ -142,7 +169,7 @@ def test_a_diverging_run_stops_with_a_clear_message_and_keeps_the_last_good_chec
         "train.precision": "fp32", "schedule.name": "constant", "schedule.warmup_steps": 0,
         "optimizer.lr": 1e30, "checkpoint.interval": 1, "train.grad_clip_norm": "null"})
     with pytest.raises(TrainingHalted) as info:
-        train(load_config(PRETRAIN_YAML, overrides))
+        train(load_run(PRETRAIN_YAML, overrides))
     message = str(info.value)
     assert message.startswith("step 2: loss is nan; stopping (anomaly.policy=stop")
     assert "the last good checkpoint is" in message and "step_00000001" in message
@@ -156,7 +183,7 @@ def test_a_diverging_run_stops_with_a_clear_message_and_keeps_the_last_good_chec
         "train.precision": "fp32", "schedule.name": "constant", "schedule.warmup_steps": 0,
         "optimizer.lr": 1e30, "anomaly.policy": "skip", "anomaly.max_consecutive_skips": 2})
     with pytest.raises(TrainingHalted, match=r"^step 4: .*3 bad step\(s\) in a row"):
-        train(load_config(PRETRAIN_YAML, overrides))
+        train(load_run(PRETRAIN_YAML, overrides))
     rows = [json.loads(line) for line in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "skipped" in r] == [2, 3]
 
@@ -164,8 +191,8 @@ def test_a_diverging_run_stops_with_a_clear_message_and_keeps_the_last_good_chec
 def test_the_training_step_runs_on_its_own_and_is_the_loops_own_step(tmp_path):
     """build_training_state + train_step (what a caller times) are the loop's parts: the same first loss bits."""
     settings = {"train.precision": "fp32", "schedule.warmup_steps": 1}
-    first = train(load_config(PRETRAIN_YAML, pretrain_overrides(tmp_path / "loop", steps=1, **settings))).losses[1]
-    state = build_training_state(load_config(PRETRAIN_YAML, pretrain_overrides(tmp_path / "step", steps=1, **settings)))
+    first = train(load_run(PRETRAIN_YAML, pretrain_overrides(tmp_path / "loop", steps=1, **settings))).losses[1]
+    state = build_training_state(load_run(PRETRAIN_YAML, pretrain_overrides(tmp_path / "step", steps=1, **settings)))
     stats = train_step(state)
     assert isinstance(stats, StepStats) and stats.step == state.step == 1 and stats.problem is None
     assert stats.loss == first

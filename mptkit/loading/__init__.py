@@ -351,8 +351,9 @@ def load_weights(source: ModelSource, config, dtype: torch.dtype = torch.float32
     return model.to(dtype)
 
 
-def source_identity(source: ModelSource):
-    """The `BaseIdentity` of a model source (what a LoRA adapter records about its base)."""
+def source_identity(source: ModelSource, config_fields: dict):
+    """The `BaseIdentity` of a model source (what a LoRA adapter records about its base), from its
+    stored config fields (`read_config_fields`, which the caller has read already)."""
     from mptkit.adapters import base_identity
 
     if source.format == "hf":
@@ -361,7 +362,7 @@ def source_identity(source: ModelSource):
         files = [source.path]
     else:
         files = [source.path / ".metadata", *sorted(source.path.glob("*.distcp"))]
-    return base_identity(source.path, read_config_fields(source), files)
+    return base_identity(source.path, config_fields, files)
 
 
 def _read(source: ModelSource, dtype: torch.dtype, max_seq_len: int | None) -> nn.Module:
@@ -382,7 +383,8 @@ def _with_adapter(base: ModelSource, adapter: Path, dtype: torch.dtype, max_seq_
     from mptkit.adapters import load_adapter, read_base_identity
 
     trained_on = read_base_identity(adapter)
-    if trained_on is not None and trained_on.path is not None and trained_on.sha256 != source_identity(base).sha256:
+    if (trained_on is not None and trained_on.path is not None
+            and trained_on.sha256 != source_identity(base, read_config_fields(base)).sha256):
         raise CheckpointError(f"{adapter}: this adapter was trained on the base {trained_on.short()}, not on "
                               f"{base.path} (its config or weights differ); load it on that base")
     return load_adapter(_read(base, torch.float32, max_seq_len), adapter).to(dtype)

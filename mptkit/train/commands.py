@@ -23,29 +23,34 @@ def _train(argv: list[str]) -> int:
     )
     parser.add_argument("config", help="YAML file (configs/pretrain/*.yaml, configs/finetune/*.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    parser.add_argument("--print-config", action="store_true", help="print the validated config and exit")
+    parser.add_argument("--print-config", action="store_true", help="print the validated config (every check of a run made) and exit")
     args = parser.parse_intermixed_args(argv)  # options may come between or after the overrides
 
     import yaml
 
-    from .config import ConfigError, load_config
+    from .config import ConfigError, load_run
 
     try:
-        config = load_config(args.config, args.overrides)
+        run = load_run(args.config, args.overrides)
     except ConfigError as exc:
         print(f"mptkit train: {exc}", file=sys.stderr)
         return 2
     if args.print_config:
-        print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+        print(yaml.safe_dump(run.config.to_dict(), sort_keys=False), end="")
         return 0
+
+    from mptkit.files import DiskFullError
 
     from .loop import TrainingHalted, train
 
     try:
-        result = train(config)
+        result = train(run)
     except ConfigError as exc:
         print(f"mptkit train: {exc}", file=sys.stderr)
         return 2
+    except DiskFullError as exc:  # the checkpoints before it are kept: resume once there is room
+        print(f"mptkit train: {exc}", file=sys.stderr)
+        return 1
     except TrainingHalted as exc:
         print(f"mptkit train: {exc}", file=sys.stderr)
         return 3

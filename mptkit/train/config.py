@@ -1,8 +1,12 @@
-"""The typed configuration of a training run, loaded from YAML plus `key=value` overrides.
+"""The typed configuration of a training run, loaded from YAML plus `key=value` overrides, and the
+run it resolves to.
 
-One `RunConfig` describes pretraining and fine-tuning alike. It is validated once, when loaded:
-an unknown key or a value of the wrong type stops the run before anything is built, with the
-file, line, dotted key path and, for misspellings, the closest known key.
+One `RunConfig` describes pretraining and fine-tuning alike. `load_run` reads it and resolves it
+once into a `ResolvedRun`: the `model.init_from` source found on disk, the model config, the
+sequence length, the LoRA base's identity. Every check is made there, the ones that need the model
+too (seq_len against its max_seq_len, LoRA targets against its modules), so a run that would fail
+later stops before anything is built, with the file, line, dotted key path and, for misspellings,
+the closest known key. Nothing below reads the source's config or rebuilds the model config again.
 
 The `model` section is a preset name (or `init_from`, a pretrained directory or training
 checkpoint) plus any `MPTConfig` field as an override, e.g. `model.max_seq_len=4096` or
@@ -15,17 +19,18 @@ import dataclasses
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
-from mptkit.adapters import DEFAULT_TARGET_MODULES
-from mptkit.loading import CHECKPOINTS_DIR
+import torch
+
+from mptkit.adapters import DEFAULT_TARGET_MODULES, BaseIdentity, LoraSpec, base_identity, read_base_identity
+from mptkit.loading import CHECKPOINTS_DIR, ModelSource, find_source, read_config_fields, source_identity
+from mptkit.model import MPTConfig
 from mptkit.model.configuration_mpt import ConfigError as ModelConfigError
+from mptkit.model.configuration_mpt import merge_config_fields
 
 from . import typed_yaml
 from .typed_yaml import ConfigError
-
-if TYPE_CHECKING:
-    from mptkit.model import MPTConfig
 
 # ---- sections -----------------------------------------------------------------------------------
 
@@ -40,12 +45,6 @@ class ModelConfig:
     init_from: str | None = None
     # Every other key of the section: MPTConfig fields applied on top (validated by MPTConfig).
     overrides: dict[str, Any] = field(default_factory=dict)
-
-    def preset_config(self) -> MPTConfig:
-        """The MPTConfig of `preset` with the overrides merged (the run's model when init_from is unset)."""
-        from mptkit.model import MPTConfig
-
-        return MPTConfig.from_preset(self.preset, **self.overrides)
 
 
 @dataclass
@@ -165,23 +164,6 @@ class AnomalyConfig:
 
 
 @dataclass
-class LoraConfig:
-    # LoRA (Hu et al. 2021) through peft: the model's weights stay frozen and each target Linear
-    # learns a low-rank update (alpha / rank) * B @ A; only A and B (and modules_to_save) train.
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    # Names of the layers to adapt (the last part of their module path); MPT's four projections.
-    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
-    # Modules trained in full beside the adapters (e.g. norm_f, or wte), saved with the adapter.
-    modules_to_save: list[str] = field(default_factory=list)
-    # The frozen base's block projections: as they are (in the precision's dtype); stored in bf16
-    # or int8 and computed in the precision's dtype (any device, one process: bf16 with fp32 compute
-    # is for CPUs without native bf16); nf4 (QLoRA: bitsandbytes, CUDA only).
-    base_quantization: Literal["none", "bf16", "int8", "nf4"] = "none"
-
-
-@dataclass
 class RunConfig:
     name: str = "mptkit-run"
     output_dir: str = "out/run"
@@ -197,7 +179,7 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     anomaly: AnomalyConfig = field(default_factory=AnomalyConfig)
     # Set (even as `lora: {}`) to train LoRA adapters on a frozen base instead of every weight.
-    lora: LoraConfig | None = None
+    lora: LoraSpec | None = None
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -205,33 +187,111 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML-ready dict (model overrides inlined, as in the file format)."""
-        out = dataclasses.asdict(self)
+        out = dataclasses.asdict(self, dict_factory=lambda items: {k: _yaml_ready(v) for k, v in items})
         model = out["model"]
         out["model"] = {"preset": model["preset"], "init_from": model["init_from"], **model["overrides"]}
-        out["optimizer"]["betas"] = list(out["optimizer"]["betas"])
         return out
+
+
+def _yaml_ready(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value  # safe_dump writes lists, not tuples
+
+
+@dataclass(frozen=True)
+class ResolvedRun:
+    """A run config worked out once, when read (`load_run`, `resolve`): what the layers below use."""
+
+    config: RunConfig
+    model_config: MPTConfig  # the preset's or the init_from model's, with the overrides merged
+    seq_len: int  # train.seq_len, or the model's max_seq_len
+    source: ModelSource | None = None  # model.init_from as found on disk (None: the preset, initialised)
+    lora_base: BaseIdentity | None = None  # a LoRA run: the base its adapters belong to
+
+    @property
+    def lora(self) -> LoraSpec | None:
+        return self.config.lora
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """train.precision's dtype: autocast's, and a LoRA run's frozen base is held in it."""
+        return torch.bfloat16 if self.config.train.precision == "bf16" else torch.float32
+
+    @property
+    def read_dtype(self) -> torch.dtype:
+        """The dtype the starting weights are read in: fp32 for a full run (the optimizer's master
+        weights); a LoRA base in its compute dtype, and a bf16 or int8 base in bf16, so that the
+        whole base is never held in fp32 (7B: 27 GB) on its way to the compact form."""
+        if self.lora is None:
+            return torch.float32
+        return torch.bfloat16 if self.lora.base_quantization in ("bf16", "int8") else self.compute_dtype
 
 
 # ---- loading ------------------------------------------------------------------------------------
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
-    """Read a YAML file (or start from defaults) and apply `a.b.c=value` overrides."""
+def load_run(path: str | Path | None, overrides: list[str] = ()) -> ResolvedRun:
+    """Read a YAML file (or start from defaults), apply `a.b.c=value` overrides, resolve the run."""
     config, origins = typed_yaml.load(RunConfig, path, overrides, readers={ModelConfig: _read_model_section},
                                       override_example="optimizer.lr=3e-4")
+    return resolve(config, origins)
+
+
+def resolve(config: RunConfig, origins: typed_yaml.Origins | None = None) -> ResolvedRun:
+    """The run `config` describes, with every check made (also for a config built or changed in code,
+    e.g. by `dataclasses.replace`); `origins` (from reading a file) name where each key was set."""
+    origins = origins or typed_yaml.Origins()
     _check_relations(config, origins)
-    return config
+    source = _init_source(config.model.init_from, origins)
+    stored = _read_stored_fields(source, origins) if source is not None else None
+    model_config = _model_config(config.model, stored, origins)
+    seq_len = config.train.seq_len or model_config.max_seq_len
+    if seq_len > model_config.max_seq_len:
+        origins.fail("train.seq_len", f"{seq_len} exceeds the model's max_seq_len={model_config.max_seq_len}"
+                     f"{f' ({source.path})' if source else ''}; set model.max_seq_len too (ALiBi extrapolates)")
+    lora_base = None
+    if config.lora is not None:
+        of_model = f" (model of {source.path})" if source else ""
+        for key, message in lora_problems(config.lora, model_config):
+            origins.fail(key, message + of_model)
+        lora_base = (source_identity(source, stored) if source is not None else
+                     base_identity(None, {"preset": config.model.preset, "overrides": config.model.overrides,
+                                          "seed": config.seed}))
+    return ResolvedRun(config=config, model_config=model_config, seq_len=seq_len, source=source, lora_base=lora_base)
 
 
-def check_config(config: RunConfig) -> RunConfig:
-    """The checks `load_config` makes, for a config built or changed in code (`dataclasses.replace`)."""
-    if config.model.init_from is None:
-        try:
-            config.model.preset_config()
-        except ModelConfigError as exc:
-            raise ConfigError(exc.message, field=typed_yaml.join("model", exc.field), where="config") from None
-    _check_relations(config, typed_yaml.Origins())
-    return config
+def _init_source(init_from: str | None, origins: typed_yaml.Origins) -> ModelSource | None:
+    """What model.init_from names (an HF-format directory, a training checkpoint or their directory,
+    a Composer / llm-foundry checkpoint file)."""
+    if init_from is None:
+        return None
+    try:
+        source = find_source(init_from)
+    except FileNotFoundError as exc:
+        origins.fail("model.init_from", str(exc))
+    if source.format == "training-checkpoint" and (base := read_base_identity(source.path)) is not None:
+        origins.fail("model.init_from", f"{source.path} is a LoRA run's checkpoint: it holds adapter weights only. "
+                     f"Start from its base ({base.short()}), or merge the adapter into it first (mptkit export "
+                     "BASE OUT --merge-lora ADAPTER)")
+    return source
+
+
+def _read_stored_fields(source: ModelSource, origins: typed_yaml.Origins) -> dict:
+    try:
+        return read_config_fields(source)
+    except ValueError as exc:  # a missing or unreadable config file (CheckpointError)
+        origins.fail("model.init_from", str(exc))
+
+
+def _model_config(section: ModelConfig, stored: dict | None, origins: typed_yaml.Origins) -> MPTConfig:
+    """The preset's config (or the init_from model's `stored` fields) with the section's overrides."""
+    try:
+        if stored is None:
+            return MPTConfig.from_preset(section.preset, **section.overrides)
+        return MPTConfig.from_dict(merge_config_fields(stored, section.overrides))
+    except ModelConfigError as exc:
+        origins.fail(typed_yaml.join("model", exc.field), exc.message)
+    except (ValueError, TypeError) as exc:  # a value of a type MPTConfig's checks cannot compare
+        origins.fail("model", str(exc))
 
 
 def _model_config_fields() -> list[str]:
@@ -242,7 +302,8 @@ def _model_config_fields() -> list[str]:
 
 
 def _read_model_section(value: Any, key: str, reader: typed_yaml.Reader) -> ModelConfig:
-    """The `model:` section: preset or init_from, plus MPTConfig fields checked by building the MPTConfig."""
+    """The `model:` section: preset or init_from, plus MPTConfig field names (their values are checked
+    when `resolve` builds the MPTConfig)."""
     values = reader.mapping(value, key)
     preset = reader.coerce(values.get("preset", ModelConfig.preset), str | None, typed_yaml.join(key, "preset"))
     init_from = reader.coerce(values.get("init_from"), str | None, typed_yaml.join(key, "init_from"))
@@ -260,15 +321,7 @@ def _read_model_section(value: Any, key: str, reader: typed_yaml.Reader) -> Mode
         if name not in fields:
             reader.fail(typed_yaml.join(key, name), f"not an MPTConfig field{typed_yaml.suggest(name, fields)}; "
                         f"known: preset, init_from, {', '.join(fields)}")
-    section = ModelConfig(preset=preset, init_from=init_from, overrides=overrides)
-    if init_from is None:  # an init_from model's fields are known only when the run reads it
-        try:
-            section.preset_config()
-        except ModelConfigError as exc:
-            reader.fail(typed_yaml.join(key, exc.field), exc.message)
-        except (ValueError, TypeError) as exc:  # a value of a type MPTConfig's checks cannot compare
-            reader.fail(key, str(exc))
-    return section
+    return ModelConfig(preset=preset, init_from=init_from, overrides=overrides)
 
 
 def _check_relations(config: RunConfig, origins: typed_yaml.Origins) -> None:
@@ -328,20 +381,12 @@ def _check_lora(config: RunConfig, origins: typed_yaml.Origins) -> None:
         origins.fail("lora.dropout", f"expected a value in [0, 1), got {lora.dropout}")
     if not lora.target_modules:
         origins.fail("lora.target_modules", "no modules to adapt; MPT's are " + ", ".join(DEFAULT_TARGET_MODULES))
-    if lora.base_quantization == "nf4":
-        import torch
-
-        if config.train.device == "cpu" or not torch.cuda.is_available():
-            origins.fail("lora.base_quantization", "nf4 needs CUDA (bitsandbytes' 4-bit kernels); on CPU use int8")
-    if config.model.init_from is None:  # an init_from model's modules are known only when the run reads it
-        for key, message in lora_problems(lora, config.model.preset_config()):
-            origins.fail(key, message)
+    if lora.base_quantization == "nf4" and (config.train.device == "cpu" or not torch.cuda.is_available()):
+        origins.fail("lora.base_quantization", "nf4 needs CUDA (bitsandbytes' 4-bit kernels); on CPU use int8")
 
 
-def lora_problems(lora: LoraConfig, model_config: MPTConfig) -> list[tuple[str, str]]:
+def lora_problems(lora: LoraSpec, model_config: MPTConfig) -> list[tuple[str, str]]:
     """(key, why) for each module of the lora section that this model cannot have adapted or saved."""
-    import torch
-
     from mptkit.adapters import module_names, target_problem
     from mptkit.model import MPTForCausalLM
 

@@ -1,7 +1,7 @@
 """The training loop, pretraining and fine-tuning alike, in named parts.
 
-`train(config)` runs a whole run. Its parts:
-- `build_training_state(config, env=None) -> TrainingState`: seeds, data, the model (meta device,
+`train(run)` runs a whole run (a `ResolvedRun` of `config.load_run` or `config.resolve`). Its parts:
+- `build_training_state(run, env=None) -> TrainingState`: seeds, data, the model (meta device,
   parallelized, initialised or loaded), optimizer, schedule, and resumption from a checkpoint.
 - `train_step(state) -> StepStats`: one optimizer step (loss, grad_norm, lr, tokens, flops, elapsed
   seconds, and the problem when the update was skipped); it advances `state.step`.
@@ -11,7 +11,7 @@
 Another caller can time real training steps with the same code (one process; the state resumes from
 `checkpoint.dir` as `train` would, so point it at a fresh directory):
 
-    state = build_training_state(config)
+    state = build_training_state(run)
     seconds = [train_step(state).elapsed for _ in range(3)][1:]   # after a warm-up step
 
 Per optimizer step every rank takes its share of the global batch as micro-batches, sums the
@@ -35,24 +35,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from mptkit.adapters import BaseIdentity, read_base_identity
-from mptkit.loading import (
-    ModelSource,
-    find_source,
-    latest_checkpoint,
-    list_checkpoints,
-    load_dcp_model_weights,
-    load_weights,
-    read_config_fields,
-    resolve_checkpoint,
-)
-from mptkit.model import MPTConfig, MPTForCausalLM
-from mptkit.model.configuration_mpt import ConfigError as ModelConfigError
-from mptkit.model.configuration_mpt import merge_config_fields
+from mptkit.loading import latest_checkpoint, list_checkpoints, load_dcp_model_weights, load_weights, resolve_checkpoint
+from mptkit.model import MPTForCausalLM
 
 from . import lora
 from .checkpoint import Checkpointer, load_full_model_state
-from .config import AnomalyConfig, ConfigError, RunConfig
+from .config import AnomalyConfig, ConfigError, ResolvedRun, RunConfig
 from .data import build_train_stream, build_val_source
 from .metrics import MetricsLogger, flops_per_token, peak_tflops, plot_loss_curve
 from .optim import build_optimizer, build_scheduler, hyperparameters, reapply_hyperparameters
@@ -75,80 +63,47 @@ class TrainResult:
 # ---- model --------------------------------------------------------------------------------------
 
 
-def init_source(config: RunConfig) -> ModelSource | None:
-    """What model.init_from names (an HF-format directory, a training checkpoint or their directory,
-    a Composer / llm-foundry checkpoint file)."""
-    if config.model.init_from is None:
-        return None
-    try:
-        source = find_source(config.model.init_from)
-    except FileNotFoundError as exc:
-        raise ConfigError(str(exc), field="model.init_from") from None
-    if source.format == "training-checkpoint" and (base := read_base_identity(source.path)) is not None:
-        raise ConfigError(f"{source.path} is a LoRA run's checkpoint: it holds adapter weights only. Start from its "
-                          f"base ({base.short()}), or merge the adapter into it first (mptkit export BASE OUT "
-                          "--merge-lora ADAPTER)", field="model.init_from")
-    return source
-
-
-def resolve_model_config(config: RunConfig) -> MPTConfig:
-    """The MPTConfig of the run: a preset or the `init_from` model's, with the overrides merged."""
-    section = config.model
-    source = init_source(config)
-    if source is None:
-        return section.preset_config()
-    try:
-        return MPTConfig.from_dict(merge_config_fields(read_config_fields(source), section.overrides))
-    except ModelConfigError as exc:
-        raise ConfigError(exc.message, field=f"model.{exc.field}") from None
-
-
-def initial_model(config: RunConfig, model_config: MPTConfig, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The starting weights in a model on CPU, so that they do not depend on device or world size:
-    init_from's (any source `mptkit.loading` reads), or the preset's seeded initialisation."""
-    source = init_source(config)
-    if source is not None:
-        return load_weights(source, model_config, dtype)
+def initial_model(run: ResolvedRun) -> nn.Module:
+    """The starting weights in a model on CPU in run.read_dtype, so that they do not depend on device or
+    world size: init_from's (any source `mptkit.loading` reads), or the preset's seeded initialisation."""
+    if run.source is not None:
+        return load_weights(run.source, run.model_config, run.read_dtype)
     with torch.device("meta"):
-        model = MPTForCausalLM(model_config).to(dtype)
+        model = MPTForCausalLM(run.model_config).to(run.read_dtype)
     model.to_empty(device="cpu")
-    torch.manual_seed(config.seed)
+    torch.manual_seed(run.config.seed)
     model.reset_parameters()
     return model
 
 
-def _build_lora_model(config: RunConfig, model_config: MPTConfig, env: DistributedEnv,
-                      identity: BaseIdentity) -> nn.Module:
+def _build_lora_model(run: ResolvedRun, env: DistributedEnv) -> nn.Module:
     """The frozen base with adapters, always initialised (a LoRA checkpoint holds the adapters only):
     built on CPU in one process; under FSDP2 a meta skeleton is sharded and rank 0's weights broadcast."""
-    dtype = lora.base_dtype(config)
+    config = run.config
     if not env.is_distributed:
-        model = lora.adapt(initial_model(config, model_config, lora.read_dtype(config)), config, identity, env.device)
+        model = lora.adapt(initial_model(run), run, env.device)
         return parallelize(model, config.train, config.parallel, env).to(env.device).train()
-    model = parallelize(lora.meta_skeleton(model_config, config), config.train, config.parallel, env)
+    model = parallelize(lora.meta_skeleton(run), config.train, config.parallel, env)
     model.to_empty(device=env.device)
-    full = (lora.adapt(initial_model(config, model_config, dtype), config, identity, torch.device("cpu")).state_dict()
-            if env.is_main else {})
+    full = lora.adapt(initial_model(run), run, torch.device("cpu")).state_dict() if env.is_main else {}
     load_full_model_state(model, full, env)
     return model.train()
 
 
-def build_model(config: RunConfig, model_config: MPTConfig, env: DistributedEnv, initialize: bool,
-                lora_base: BaseIdentity | None = None) -> nn.Module:
+def build_model(run: ResolvedRun, env: DistributedEnv, initialize: bool) -> nn.Module:
     """Meta-device model -> parallelize -> allocate -> initial weights (unless a resume loads them).
-    A LoRA run (`lora_base` given) builds its adapted model instead."""
-    if lora_base is not None:
-        return _build_lora_model(config, model_config, env, lora_base)
+    A LoRA run builds its adapted model instead."""
+    if run.lora is not None:
+        return _build_lora_model(run, env)
     with torch.device("meta"):
-        model = MPTForCausalLM(model_config)
-    parallelize(model, config.train, config.parallel, env)
+        model = MPTForCausalLM(run.model_config)
+    parallelize(model, run.config.train, run.config.parallel, env)
     model.to_empty(device=env.device)
     if initialize:
-        source = init_source(config)
-        if source is not None and source.format == "training-checkpoint":
-            load_dcp_model_weights(model, source.path)  # each rank reads its own shards
+        if run.source is not None and run.source.format == "training-checkpoint":
+            load_dcp_model_weights(model, run.source.path)  # each rank reads its own shards
         else:
-            state = initial_model(config, model_config).state_dict() if env.is_main else {}
+            state = initial_model(run).state_dict() if env.is_main else {}
             load_full_model_state(model, state, env)
     model.train()
     return model
@@ -217,9 +172,8 @@ class LossWatch:
 class TrainingState:
     """Everything a run advances step by step: built by `build_training_state`, stepped by `train_step`."""
 
-    config: RunConfig
+    run: ResolvedRun  # the config and what it resolved to (model config, seq_len, source, LoRA base)
     env: DistributedEnv
-    model_config: MPTConfig
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: Any
@@ -229,14 +183,16 @@ class TrainingState:
     watch: LossWatch
     autocast: Any
     accumulation: int  # micro-batches per rank and optimizer step
-    seq_len: int
     n_params: int  # global sizes, also for sharded DTensors
     n_trainable: int  # all but a LoRA run's frozen base
-    lora_base: BaseIdentity | None = None  # a LoRA run: the base its adapters belong to
     resumed_from: Path | None = None
     step: int = 0
     tokens_seen: int = 0
     last_saved: Path | None = None  # the newest checkpoint of this run (or the one it resumed from)
+
+    @property
+    def config(self) -> RunConfig:
+        return self.run.config
 
 
 def _resume_path(config: RunConfig) -> Path | None:
@@ -265,34 +221,29 @@ def _seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_training_state(config: RunConfig, env: DistributedEnv | None = None) -> TrainingState:
+def build_training_state(run: ResolvedRun, env: DistributedEnv | None = None) -> TrainingState:
     """Set up a run: seeds, data, model, optimizer, schedule, and the checkpoint it resumes from.
 
     `env` defaults to `setup_distributed(config.train, config.parallel)` (one process unless
     launched by torchrun).
     """
+    config = run.config
     env = env or setup_distributed(config.train, config.parallel)
     accumulation = _accumulation_steps(config, env)
+    if run.lora is not None:
+        lora.check_launch(run, env)
     # Per-rank streams (dropout differs across ranks); the initial weights reseed with `seed` itself.
     _seed(config.seed + env.rank)
-    model_config = resolve_model_config(config)
-    lora_base = None
-    if config.lora is not None:
-        lora.check_lora_run(config, model_config, env)
-        lora_base = lora.run_base_identity(config, init_source(config))
-    seq_len = config.train.seq_len or model_config.max_seq_len
-    if seq_len > model_config.max_seq_len:
-        raise ConfigError(f"train.seq_len={seq_len} exceeds model.max_seq_len={model_config.max_seq_len}")
-    train_stream = build_train_stream(config, seq_len, env)
-    val_source = build_val_source(config, seq_len, env)
+    train_stream = build_train_stream(config, run.seq_len, env)
+    val_source = build_val_source(config, run.seq_len, env)
 
     checkpointer = Checkpointer(config.checkpoint_dir, config.checkpoint.keep_last_n, env,
-                                trainable_only=lora_base is not None)
+                                trainable_only=run.lora is not None)
     checkpointer.remove_incomplete()
     resume_from = _resume_path(config)
     if resume_from is not None:
-        lora.check_resume(resume_from, lora_base)
-    model = build_model(config, model_config, env, initialize=resume_from is None, lora_base=lora_base)
+        lora.check_resume(resume_from, run.lora_base)
+    model = build_model(run, env, initialize=resume_from is None)
     optimizer = build_optimizer(model, config.optimizer)
     scheduler = build_scheduler(optimizer, config.schedule, config.train.max_steps)
     trainer = {"step": 0, "tokens_seen": 0, "recent_losses": []}
@@ -302,12 +253,12 @@ def build_training_state(config: RunConfig, env: DistributedEnv | None = None) -
         reapply_hyperparameters(optimizer, scheduler, configured)
         train_stream.load_state_dict(data_state)
     return TrainingState(
-        config=config, env=env, model_config=model_config, model=model, optimizer=optimizer, scheduler=scheduler,
+        run=run, env=env, model=model, optimizer=optimizer, scheduler=scheduler,
         train_stream=train_stream, val_source=val_source, checkpointer=checkpointer,
         watch=LossWatch(config.anomaly.spike_factor, config.anomaly.spike_min_steps, trainer["recent_losses"]),
         autocast=torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=config.train.precision == "bf16"),
-        accumulation=accumulation, seq_len=seq_len, n_params=sum(p.numel() for p in model.parameters()),
-        n_trainable=sum(p.numel() for p in model.parameters() if p.requires_grad), lora_base=lora_base,
+        accumulation=accumulation, n_params=sum(p.numel() for p in model.parameters()),
+        n_trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
         resumed_from=resume_from, step=trainer["step"], tokens_seen=trainer["tokens_seen"], last_saved=resume_from,
     )
 
@@ -315,11 +266,10 @@ def build_training_state(config: RunConfig, env: DistributedEnv | None = None) -
 def save_checkpoint(state: TrainingState) -> Path:
     """Checkpoint the whole state at its step; it becomes `state.last_saved`."""
     trainer = {"step": state.step, "tokens_seen": state.tokens_seen, "recent_losses": list(state.watch.recent)}
-    extra = (lora.checkpoint_files(state.model, state.config, state.lora_base, state.env)
-             if state.lora_base is not None else None)
+    extra = lora.checkpoint_files(state.model, state.run, state.env) if state.run.lora is not None else None
     state.last_saved = state.checkpointer.save(
         state.step, state.model, state.optimizer, state.scheduler, trainer, state.train_stream.state_dict(),
-        state.model_config.to_json_string(), state.config.to_dict(), extra_files=extra)
+        state.run.model_config.to_json_string(), state.config.to_dict(), extra_files=extra)
     return state.last_saved
 
 
@@ -350,7 +300,7 @@ class StepStats:
 
 def _accumulate_gradients(state: TrainingState, micro_batches: list[dict]) -> tuple[float, int, int]:
     """Backpropagate every micro-batch; return (global token-mean loss, tokens of all ranks, this rank's FLOPs)."""
-    env, model_config = state.env, state.model_config
+    env, model_config = state.env, state.run.model_config
     targets = all_reduce_sum(
         torch.stack([target_count(b["labels"]) for b in micro_batches]).sum().to(torch.float64), env
     )
@@ -451,18 +401,18 @@ class TrainingLog:
         state, config, train_cfg = self.state, self.config, self.config.train
         if state.resumed_from is not None:
             start = f"resuming from {state.resumed_from} at step {state.step}"
-        elif config.model.init_from is not None:
-            start = f"starting from the weights of {init_source(config).path}"
+        elif state.run.source is not None:
+            start = f"starting from the weights of {state.run.source.path}"
         else:
             start = f"starting from a fresh initialisation (seed {config.seed})"
-        if state.lora_base is not None:
+        if state.run.lora is not None:
             quantized = config.lora.base_quantization
-            base = quantized if quantized != "none" else str(lora.base_dtype(config)).removeprefix("torch.")
+            base = quantized if quantized != "none" else str(state.run.compute_dtype).removeprefix("torch.")
             start += (f"; LoRA r={config.lora.rank} on {', '.join(config.lora.target_modules)}: "
                       f"{state.n_trainable / 1e6:.2f}M trainable, frozen base in {base}")
         return (f"[mptkit train] {config.name}: {state.n_params / 1e6:.1f}M parameters, {state.env.world_size} "
                 f"rank(s) on {state.env.device.type}, {train_cfg.precision}, global batch "
-                f"{train_cfg.global_batch_size} x {state.seq_len} tokens ({state.accumulation} accumulation step(s)); "
+                f"{train_cfg.global_batch_size} x {state.run.seq_len} tokens ({state.accumulation} accumulation step(s)); "
                 f"MFU against {self.peak:.2f} TFLOP/s ({self.peak_source}); {start}")
 
     def step(self, stats: StepStats) -> None:
@@ -491,10 +441,10 @@ class TrainingLog:
 # ---- the loop -----------------------------------------------------------------------------------
 
 
-def train(config: RunConfig) -> TrainResult:
-    env = setup_distributed(config.train, config.parallel)
+def train(run: ResolvedRun) -> TrainResult:
+    env = setup_distributed(run.config.train, run.config.parallel)
     try:
-        return run(config, env)
+        return run_steps(run, env)
     finally:
         teardown_distributed()
 
@@ -503,9 +453,10 @@ def _due(step: int, interval: int) -> bool:
     return bool(interval) and step % interval == 0
 
 
-def run(config: RunConfig, env: DistributedEnv) -> TrainResult:
+def run_steps(run: ResolvedRun, env: DistributedEnv) -> TrainResult:
     """Steps to train.max_steps: policy, logging, periodic validation and checkpoints, a final save."""
-    state = build_training_state(config, env)
+    config = run.config
+    state = build_training_state(run, env)
     log = TrainingLog(state)
     policy = AnomalyPolicy(config.anomaly)
     result = TrainResult(step=state.step)
@@ -527,7 +478,7 @@ def run(config: RunConfig, env: DistributedEnv) -> TrainResult:
         if state.last_saved is None or not state.last_saved.name.endswith(f"{state.step:08d}"):
             save_checkpoint(state)
         result.checkpoint = state.last_saved
-        if state.lora_base is not None and env.is_main:
+        if run.lora is not None and env.is_main:
             result.adapter = lora.publish_adapter(state.last_saved, Path(config.output_dir))
         if state.val_source is not None and not _due(state.step, config.eval.interval):
             result.val_loss = _validate(state, log.metrics)

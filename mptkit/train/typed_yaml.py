@@ -192,10 +192,10 @@ class Reader:
             if value in args:
                 return value
             self.fail(key, f"expected one of {', '.join(map(repr, args))}, got {value!r}{suggest(value, args)}")
-        if origin is list:
+        if origin is list or (origin is tuple and args[-1] is Ellipsis):  # tuple[X, ...] reads as a list
             items = [value] if isinstance(value, str) else value
-            if isinstance(items, list):
-                return [self.coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(items)]
+            if isinstance(items, (list, tuple)):
+                return origin(self.coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(items))
         elif origin is tuple:
             if isinstance(value, (list, tuple)) and len(value) == len(args):
                 return tuple(self.coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
