@@ -10,6 +10,7 @@ from pathlib import Path
 
 from mptkit.data.errors import DEFAULT_ON_ERROR, ON_ERROR_CHOICES, DataError
 from mptkit.data.sources import DEFAULT_TEXT_FIELD
+from mptkit.files import DiskFullError
 
 
 def _tokenizer_parser() -> argparse.ArgumentParser:
@@ -200,6 +201,6 @@ def main(command: str, argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         return _tokenizer_main(args) if command == "tokenizer" else _data_main(args)
-    except (DataError, FileExistsError, FileNotFoundError, ValueError) as e:
+    except (DataError, FileExistsError, FileNotFoundError, ValueError, DiskFullError) as e:
         print(f"mptkit {command} {args.action}: {e}", file=sys.stderr)
         return 1

@@ -47,6 +47,7 @@ from mptkit.data.tokenizer import (
     plain_backend,
     tokenizer_size,
 )
+from mptkit.files import staged
 
 logger = logging.getLogger("mptkit.data")
 
@@ -98,9 +99,9 @@ class _ResumePolicy(ErrorPolicy):
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, path)
+    text = json.dumps(data, indent=1, ensure_ascii=False).encode()
+    with staged(path, len(text)) as temp:
+        temp.write_bytes(text)
 
 
 class ShardWriter:
@@ -193,9 +194,8 @@ class ShardWriter:
 
     def _write_shard(self, tokens: np.ndarray) -> None:
         name = shard_file_name(len(self.shards))
-        tmp = self.out / (name + ".tmp")
-        tokens.tofile(tmp)  # already of `dtype`: the buffer is built in it
-        os.replace(tmp, self.out / name)
+        with staged(self.out / name, tokens.nbytes) as temp:
+            tokens.tofile(temp)  # already of `dtype`: the buffer is built in it
         self.shards.append({"file": name, "num_samples": len(tokens) // self.seq_len,
                             "sha256": hashlib.sha256(tokens.tobytes()).hexdigest()})
         self.written += len(tokens)
@@ -249,8 +249,7 @@ def _tokenize(writer: ShardWriter, segments: Iterator[Segment], encode, batch_ch
 
 def _remove_outputs(out: Path) -> None:
     for path in out.iterdir():
-        if path.name in (INDEX_FILE, PROGRESS_FILE) or (path.name.startswith("shard-") and
-                                                        path.suffix in (".bin", ".tmp")):
+        if path.name in (INDEX_FILE, PROGRESS_FILE) or path.name.startswith(("shard-", ".tmp-shard-")):
             path.unlink()
 
 

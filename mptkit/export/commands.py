@@ -7,6 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from mptkit.files import DiskFullError
+
 from .gguf import DEFAULT_OUTTYPE, OUTTYPES
 from .hf import EXPORT_DTYPES
 
@@ -64,7 +66,7 @@ def main(command: str, argv: list[str]) -> int:
             source = export_hf(args.source, args.out, dtype=args.dtype or EXPORT_DTYPES[0],
                                with_tokenizer=not args.no_tokenizer, adapter=args.merge_lora)
             written = Path(args.out)
-    except (ValueError, FileNotFoundError, ImportError) as exc:
+    except (ValueError, FileNotFoundError, ImportError, DiskFullError) as exc:
         print(f"mptkit export: {exc}", file=sys.stderr)
         return 2
     print(f"[mptkit export] {source.path} -> {written}")

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mptkit.files import staged
 from mptkit.loading import ModelSource, find_source, load, read_config_fields, read_model_config
 
 from .model_card import CARD_FILE, Export, model_card
@@ -275,21 +276,21 @@ def export_gguf(source: str | Path, out: str | Path, outtype: str = DEFAULT_OUTT
     plan = [TensorPlan(key, name := gguf_tensor_name(key), tuple(t.shape), tensor_type(name, tuple(t.shape), outtype))
             for key, t in state.items()]
     path = gguf_path(out, outtype)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(path, ARCHITECTURE)
-    try:
-        write_model_metadata(writer, config, outtype, loaded.source.name)
-        write_tokenizer_metadata(writer, loaded.tokenizer, config.vocab_size)
-        for item in plan:
-            writer.add_tensor_info(item.name, item.shape, np.dtype(np.float32), _byte_count(item.shape, item.qtype),
-                                   raw_dtype=item.qtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for item in plan:
-            writer.write_tensor_data(_converted(state[item.hub_name], item.qtype))
-    finally:
-        writer.close()
+    with staged(path, sum(_byte_count(item.shape, item.qtype) for item in plan)) as temp:
+        writer = gguf.GGUFWriter(temp, ARCHITECTURE)
+        try:
+            write_model_metadata(writer, config, outtype, loaded.source.name)
+            write_tokenizer_metadata(writer, loaded.tokenizer, config.vocab_size)
+            for item in plan:
+                writer.add_tensor_info(item.name, item.shape, np.dtype(np.float32),
+                                       _byte_count(item.shape, item.qtype), raw_dtype=item.qtype)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for item in plan:
+                writer.write_tensor_data(_converted(state[item.hub_name], item.qtype))
+        finally:
+            writer.close()
     card = path.parent / CARD_FILE
     if path != Path(out) and not card.exists():  # written into a directory: the card goes beside it
         export = Export("gguf", str(path.parent), f"{outtype} GGUF ({path.name})", gguf_file=path.name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mptkit.files import staged
 from mptkit.loading import ModelSource, load
 
 from .model_card import CARD_FILE, Export, model_card
@@ -22,8 +23,10 @@ def export_hf(source: str | Path, out_dir: str | Path, dtype: str = "float32",
         raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(EXPORT_DTYPES)}")
     loaded = load(source, dtype=dtype, adapter=adapter)
     tokenizer = loaded.tokenizer if with_tokenizer else None
-    loaded.model.save_pretrained(out_dir, tokenizer=tokenizer)
     export = Export("hf", str(out_dir).rstrip("/"), f"{dtype} safetensors",
                     adapter=Path(adapter) if adapter is not None else None)
-    (Path(out_dir) / CARD_FILE).write_text(model_card(loaded.model, tokenizer, loaded.source, export))
+    needed = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+    with staged(Path(out_dir), needed) as temp:
+        loaded.model.save_pretrained(temp, tokenizer=tokenizer)
+        (temp / CARD_FILE).write_text(model_card(loaded.model, tokenizer, loaded.source, export))
     return loaded.source

@@ -37,6 +37,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from mptkit.files import full_disk_reported
 from mptkit.loading import (
     TRAINING_MODEL_CONFIG,
     TRAINING_RUN_CONFIG,
@@ -63,6 +64,17 @@ def _write_synced(path: Path, content: str | bytes) -> None:
         handle.write(content.encode() if isinstance(content, str) else content)
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def _tensor_bytes(state: Any) -> int:
+    """The bytes of the tensors in a (nested) state dict: about what its checkpoint takes."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(_tensor_bytes(value) for value in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(_tensor_bytes(value) for value in state)
+    return 0
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
@@ -128,17 +140,21 @@ class Checkpointer:
             temp.mkdir(parents=True)
         barrier(self.env)
         state = self._state(model, optimizer, scheduler, trainer, data)
-        with single_process_quietly():
-            dcp.save(state, storage_writer=dcp.FileSystemWriter(temp, sync_files=True),
-                     no_dist=not self.env.is_distributed)
+        # A failed save (a full disk) leaves no temp directory behind; the checkpoints before it stay.
+        cleanup = (lambda: shutil.rmtree(temp, ignore_errors=True)) if self.env.is_main else (lambda: None)
+        with full_disk_reported(final, _tensor_bytes(state), cleanup):
+            with single_process_quietly():
+                dcp.save(state, storage_writer=dcp.FileSystemWriter(temp, sync_files=True),
+                         no_dist=not self.env.is_distributed)
+            if self.env.is_main:
+                _write_synced(temp / TRAINING_MODEL_CONFIG, model_config_json)
+                _write_synced(temp / TRAINING_RUN_CONFIG, yaml.safe_dump(run_config, sort_keys=False))
+                for name, content in (extra_files or {}).items():
+                    (temp / name).parent.mkdir(parents=True, exist_ok=True)
+                    _write_synced(temp / name, content)
+                    _fsync_dir((temp / name).parent)
+                _fsync_dir(temp)
         if self.env.is_main:
-            _write_synced(temp / TRAINING_MODEL_CONFIG, model_config_json)
-            _write_synced(temp / TRAINING_RUN_CONFIG, yaml.safe_dump(run_config, sort_keys=False))
-            for name, content in (extra_files or {}).items():
-                (temp / name).parent.mkdir(parents=True, exist_ok=True)
-                _write_synced(temp / name, content)
-                _fsync_dir((temp / name).parent)
-            _fsync_dir(temp)
             if final.exists():  # the same step saved before (a resumed run that ends where it began)
                 stale = self.directory / f"{_TEMP_PREFIX}old-{final.name}"
                 final.rename(stale)
