@@ -1,0 +1,62 @@
+"""Tiny checkpoints in the layout of the published MPT repositories: the hub's config.json fields
+(from MosaicML's mpt-7b family, shapes shrunk), weights as sharded `pytorch_model-0000N-of-0000M.bin`
+with an index, the GPT-NeoX tokenizer. mptkit's own exports never write this layout."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from mptkit.data.tokenizer import load_tokenizer
+from mptkit.model import MPTConfig, MPTForCausalLM
+
+# The fields every mosaicml/mpt-7b* config.json carries (MPT-7B's values; the shape is the caller's).
+HUB_MPT7B_FIELDS = {
+    "architectures": ["MPTForCausalLM"], "model_type": "mpt",
+    "attn_config": {"attn_type": "multihead_attention", "attn_impl": "torch", "attn_pdrop": 0, "alibi": True,
+                    "alibi_bias_max": 8, "clip_qkv": None, "qk_ln": False, "prefix_lm": False,
+                    "attn_uses_sequence_id": False, "softmax_scale": None},
+    "auto_map": {"AutoConfig": "configuration_mpt.MPTConfig", "AutoModelForCausalLM": "modeling_mpt.MPTForCausalLM"},
+    "d_model": 4096, "n_heads": 32, "n_layers": 32, "expansion_ratio": 4, "vocab_size": 50432, "max_seq_len": 2048,
+    "emb_pdrop": 0, "resid_pdrop": 0, "embedding_fraction": 1.0, "logit_scale": None, "learned_pos_emb": True,
+    "no_bias": True, "norm_type": "low_precision_layernorm", "init_device": "cpu", "use_cache": False,
+    "torch_dtype": "bfloat16", "tokenizer_name": "EleutherAI/gpt-neox-20b", "verbose": 0,
+    "init_config": {"name": "kaiming_normal_", "fan_mode": "fan_in", "init_nonlinearity": "relu",
+                    "init_div_is_residual": True, "init_gain": 0, "init_std": 0.02, "emb_init_std": None,
+                    "emb_init_uniform_lim": None},
+}
+
+
+def hub_fields(**changes) -> dict:
+    """HUB_MPT7B_FIELDS with `changes`; an `attn_config` change is merged key by key."""
+    fields = json.loads(json.dumps(HUB_MPT7B_FIELDS))
+    fields["attn_config"].update(changes.pop("attn_config", {}))
+    fields.update(changes)
+    return fields
+
+
+def write_hub_checkpoint(directory: Path, fields: dict, shards: int = 2, seed: int = 0,
+                         init_std: float | None = None) -> MPTForCausalLM:
+    """A random model of `fields` saved as the hub does; returns the model (fp32) it wrote."""
+    directory.mkdir(parents=True, exist_ok=True)
+    build = dict(fields)
+    if init_std is not None:  # a wider spread than MPT's init, so that greedy decoding wanders
+        build["init_config"] = {**build["init_config"], "name": "baseline_", "init_std": init_std}
+    torch.manual_seed(seed)
+    model = MPTForCausalLM(MPTConfig(**build)).eval()
+    state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+    names = sorted(state)
+    weight_map = {}
+    for index in range(shards):
+        file = f"pytorch_model-{index + 1:05d}-of-{shards:05d}.bin"
+        part = names[index * len(names) // shards:(index + 1) * len(names) // shards]
+        torch.save({name: state[name] for name in part}, directory / file)
+        weight_map.update(dict.fromkeys(part, file))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    (directory / "pytorch_model.bin.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (directory / "config.json").write_text(json.dumps(fields, indent=2))
+    load_tokenizer().save_pretrained(str(directory))
+    return model
