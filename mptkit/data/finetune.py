@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
+from mptkit.data.defaults import FORMATS, TRAIN_ON
 from mptkit.data.errors import DEFAULT_ON_ERROR, DataError, ErrorPolicy, describe
 from mptkit.data.sources import Source, iter_jsonl_rows, resolve_inputs
 from mptkit.data.templates import (  # re-exported: the templates' public home is here too
@@ -54,8 +55,6 @@ __all__ = [
 logger = logging.getLogger("mptkit.data")
 
 IGNORE_INDEX = -100
-FORMATS = ("auto", "prompt_response", "chat")
-TRAIN_ON = ("last", "all")
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 _HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 

@@ -30,6 +30,7 @@ import numpy as np
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from mptkit.data.defaults import DEFAULT_SEQ_LEN, DEFAULT_SHARD_BYTES
 from mptkit.data.errors import DEFAULT_ON_ERROR, DataError, ErrorPolicy
 from mptkit.data.shards import (
     FORMAT_NAME,
@@ -51,10 +52,8 @@ from mptkit.files import staged
 
 logger = logging.getLogger("mptkit.data")
 
-DEFAULT_SHARD_BYTES = 1 << 26  # 64 MiB: few files, cheap to fetch one at a time
 DEFAULT_PIECE_CHARS = 1 << 15  # long documents are tokenized in pieces of ~32K characters
 DEFAULT_BATCH_CHARS = 1 << 22  # ~1M tokens per encode call keeps every core busy
-DEFAULT_SEQ_LEN = 2048
 
 
 Position = tuple[int, int]

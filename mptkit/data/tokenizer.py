@@ -18,6 +18,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from mptkit.data.defaults import DEFAULT_MIN_FREQUENCY
 from mptkit.data.errors import DEFAULT_ON_ERROR
 from mptkit.data.sources import DEFAULT_TEXT_FIELD
 from mptkit.data.templates import CHATML_CHAT_TEMPLATE, ENDOFTEXT, IM_END, IM_START
@@ -30,7 +31,6 @@ CHATML_TOKENS = (IM_START, IM_END)
 # Ids 0..3 of a tokenizer trained by `train_tokenizer`.
 TRAINED_SPECIAL_TOKENS = (ENDOFTEXT, PADDING_TOKEN, IM_START, IM_END)
 VOCAB_MULTIPLE = 128
-DEFAULT_MIN_FREQUENCY = 2  # BPE merges seen fewer times are not learned
 
 
 def bundled_tokenizer_path() -> Path:

@@ -8,9 +8,13 @@ import sys
 from pathlib import Path
 
 from mptkit.data.sources import DEFAULT_TEXT_FIELD, read_texts
-from mptkit.eval.extrapolation import DEFAULT_MULTIPLES, DEFAULT_STRIDE_RATIO
-from mptkit.eval.multiple_choice import DEFAULT_BATCH_SIZE
-from mptkit.eval.perplexity import DEFAULT_BATCH_TOKENS, PRECISIONS, autocast_dtype
+from mptkit.eval.defaults import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_BATCH_TOKENS,
+    DEFAULT_MULTIPLES,
+    DEFAULT_STRIDE_RATIO,
+    PRECISIONS,
+)
 
 
 def main(command: str, argv: list[str]) -> int:
@@ -86,6 +90,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load(args, max_seq_len: int | None = None):
+    from mptkit.eval.perplexity import autocast_dtype
     from mptkit.loading import load
 
     loaded = load(args.model, dtype="float32", tokenizer=args.tokenizer, max_seq_len=max_seq_len, adapter=args.adapter)

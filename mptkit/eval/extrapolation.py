@@ -15,10 +15,8 @@ from pathlib import Path
 
 import torch
 
-from mptkit.eval.perplexity import DEFAULT_BATCH_TOKENS, PerplexityResult, evaluate_perplexity
-
-DEFAULT_MULTIPLES = (1, 2, 4, 8, 16)
-DEFAULT_STRIDE_RATIO = 0.25
+from mptkit.eval.defaults import DEFAULT_BATCH_TOKENS, DEFAULT_MULTIPLES, DEFAULT_STRIDE_RATIO
+from mptkit.eval.perplexity import PerplexityResult, evaluate_perplexity
 
 
 def sliding_stride(seq_len: int, stride_ratio: float) -> int:

@@ -20,9 +20,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from mptkit.eval.defaults import DEFAULT_BATCH_SIZE
 from mptkit.eval.perplexity import model_device
-
-DEFAULT_BATCH_SIZE = 16
 
 
 class MultipleChoiceError(ValueError):

@@ -25,9 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-DEFAULT_BATCH_TOKENS = 1024  # more only grows the (tokens x vocab) logits; CPUs gain nothing (GPUs may)
-# Evaluation reads fp32 weights; "bf16" runs the matmuls under bf16 autocast.
-PRECISIONS = ("fp32", "bf16")
+from mptkit.eval.defaults import DEFAULT_BATCH_TOKENS, PRECISIONS
 
 
 def autocast_dtype(precision: str) -> torch.dtype | None:

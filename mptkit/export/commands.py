@@ -9,8 +9,7 @@ from pathlib import Path
 
 from mptkit.files import DiskFullError
 
-from .gguf import DEFAULT_OUTTYPE, OUTTYPES
-from .hf import EXPORT_DTYPES
+from .defaults import DEFAULT_OUTTYPE, EXPORT_DTYPES, OUTTYPES
 
 FORMATS = ("hf", "gguf")
 

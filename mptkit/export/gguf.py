@@ -34,10 +34,9 @@ import torch
 from mptkit.files import staged
 from mptkit.loading import ModelSource, find_source, load, read_config_fields, read_model_config
 
+from .defaults import DEFAULT_OUTTYPE, OUTTYPES
 from .model_card import CARD_FILE, Export, model_card
 
-OUTTYPES = ("f32", "f16", "bf16", "q8_0")
-DEFAULT_OUTTYPE = "f16"
 ARCHITECTURE = "mpt"
 # llama.cpp's name for the GPT-NeoX/MPT byte-level BPE pre-tokenizer (the GPT-2 regex): what its
 # converter writes for mosaicml/mpt-7b's tokenizer (src/llama-vocab.cpp maps it to PRE_TYPE_MPT).

@@ -7,9 +7,8 @@ from pathlib import Path
 from mptkit.files import staged
 from mptkit.loading import ModelSource, load
 
+from .defaults import EXPORT_DTYPES
 from .model_card import CARD_FILE, Export, model_card
-
-EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def export_hf(source: str | Path, out_dir: str | Path, dtype: str = "float32",

@@ -44,9 +44,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .decode import Decoder, StaticKVCache, enable_compiled_decoding
+from .options import DEFAULT_PREFILL_CHUNK
 from .sampling import BatchSampler, SamplingParams
-
-DEFAULT_PREFILL_CHUNK = 256  # prompt tokens per iteration (padding included)
 
 FINISH_STOP = "stop"  # a stop token
 FINISH_LENGTH = "length"  # max_new_tokens, or the context window is full

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from mptkit.data.templates import DEFAULT_SYSTEM_PROMPT
-from mptkit.inference.options import ModelOptions, add_model_arguments, build_generator
+from mptkit.inference.options import ModelOptions, SamplingParams, add_model_arguments, build_generator
 from mptkit.inference.prompts import DEFAULT_TEMPLATE, TEMPLATES, apply_template, chat_prompt_ids, stop_token_ids
 
 GENERATE_MAX_NEW_TOKENS = 256
@@ -25,8 +25,6 @@ PROMPT_BATCH_SIZE = 8
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
-    from mptkit.inference.sampling import SamplingParams
-
     defaults = SamplingParams()
     parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     parser.add_argument("--temperature", type=float, default=defaults.temperature, help="0 = greedy (default)")
@@ -38,8 +36,6 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int)
 
 
 def sampling_params(args: argparse.Namespace):
-    from mptkit.inference.sampling import SamplingParams
-
     return SamplingParams(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,

@@ -8,55 +8,9 @@ from a per-row `torch.Generator` (a request's seed then fixes its text whatever 
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-
 import torch
 
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """One request's decoding settings; `temperature == 0` means greedy."""
-
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_k: int = 0  # 0 = no top-k cut
-    top_p: float = 1.0  # 1 = no nucleus cut; 0 keeps only the most likely token
-    repetition_penalty: float = 1.0  # CTRL's penalty: >1 discourages tokens already present
-    stop: tuple[str, ...] = field(default_factory=tuple)
-    seed: int | None = None
-
-    def __post_init__(self):
-        def fail(name, expected):
-            raise ValueError(f"{name}: expected {expected}, got {getattr(self, name)!r}")
-
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
-            fail("max_new_tokens", "an integer >= 1")
-        if not _is_number(self.temperature) or not 0.0 <= self.temperature <= 100.0:
-            fail("temperature", "a number in [0, 100]")
-        if not _is_int(self.top_k) or self.top_k < 0:
-            fail("top_k", "an integer >= 0 (0 turns it off)")
-        if not _is_number(self.top_p) or not 0.0 <= self.top_p <= 1.0:
-            fail("top_p", "a number in [0, 1]")
-        if not _is_number(self.repetition_penalty) or not 0.0 < self.repetition_penalty <= 100.0:
-            fail("repetition_penalty", "a number in (0, 100]")
-        if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
-            fail("stop", "a sequence of non-empty strings")
-        object.__setattr__(self, "stop", tuple(self.stop))
-        if self.seed is not None and not _is_int(self.seed):
-            fail("seed", "an integer or None")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+from .options import SamplingParams
 
 
 class BatchSampler:

@@ -38,7 +38,6 @@ DTYPES = {
     "float16": torch.float16,
     "fp16": torch.float16,
 }
-DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 
 
 def cpu_supports_bf16() -> bool:

@@ -40,7 +40,8 @@ from mptkit.inference.sampling import SamplingParams
 
 from mptkit.inference.text import FINISH_CANCELLED
 
-from .engine import DEADLINE_EXCEEDED, DEFAULT_MAX_BODY_BYTES, Draining, Event, Job, QueueFull
+from .defaults import DEFAULT_MAX_BODY_BYTES
+from .engine import DEADLINE_EXCEEDED, Draining, Event, Job, QueueFull
 from .metrics import ServerMetrics
 from .protocol import (
     ChatCompletionRequest,

@@ -24,9 +24,8 @@ import sys
 import threading
 from pathlib import Path
 
-from mptkit.inference.batching import DEFAULT_PREFILL_CHUNK
-from mptkit.inference.options import ModelOptions, add_model_arguments, build_generator
-from mptkit.serve.engine import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE
+from mptkit.inference.options import DEFAULT_PREFILL_CHUNK, ModelOptions, add_model_arguments, build_generator
+from mptkit.serve.defaults import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE
 
 DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
 SCHEDULERS = ("continuous", "static")

@@ -25,18 +25,18 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from mptkit.inference.batching import DEFAULT_PREFILL_CHUNK, Scheduler, Sequence
+from mptkit.inference.batching import Scheduler, Sequence
 from mptkit.inference.decode import Decoder
+from mptkit.inference.options import DEFAULT_PREFILL_CHUNK
 from mptkit.inference.sampling import SamplingParams
 from mptkit.inference.text import FINISH_CANCELLED, FINISH_LENGTH, GenerationRequest, TextStream, stream_batch
+
+from .defaults import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE
 
 logger = logging.getLogger("mptkit.serve")
 
 # Static batcher: requests arriving within this long of each other share a batch.
 BATCH_WINDOW_S = 0.01
-DEFAULT_MAX_BATCH_SIZE = 8  # requests decoded together (the continuous engine's slots)
-DEFAULT_MAX_QUEUE = 256  # requests waiting for a slot before new ones get 429
-DEFAULT_MAX_BODY_BYTES = 2**20  # larger request bodies get 413 (the app's limit; here, free of fastapi)
 DEADLINE_EXCEEDED = "deadline_exceeded"
 
 
