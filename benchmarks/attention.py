@@ -172,7 +172,7 @@ def measure(backend: str, dtype: torch.dtype, length: int, mode: str, args) -> d
 def skip_reason(backend: str, dtype: torch.dtype, length: int, mode: str, args, budget: float) -> str | None:
     if backend == "flash":
         probe = torch.zeros(1, 1, 1, args.head_dim, dtype=dtype, device=args.device)
-        return flash_unsupported_reason(probe, probe, mask=MaskSpec(), alibi_slopes=None, alibi_symmetric=False)
+        return flash_unsupported_reason(probe, probe, mask=MaskSpec(), alibi_slopes=None)
     matrices = DENSE_MATRICES.get((backend, mode))
     if matrices is not None:
         need = matrices * args.batch * args.heads * length * length * 4

@@ -100,7 +100,7 @@ BF16_CASES = ["mha-causal-alibi", "gqa-left-padding", "odd-heads-prefix-lm"]
 
 def _flash_skip_reason() -> str | None:
     probe = torch.zeros(1, 1, 1, HEAD_DIM, dtype=torch.bfloat16, device="cuda" if torch.cuda.is_available() else "cpu")
-    return flash_unsupported_reason(probe, probe, mask=MaskSpec(), alibi_slopes=None, alibi_symmetric=False)
+    return flash_unsupported_reason(probe, probe, mask=MaskSpec(), alibi_slopes=None)
 
 
 BACKEND_PARAMS = [
@@ -148,7 +148,7 @@ def test_forward_and_gradients_match_float64_reference(case, dtype, backend, sma
     q, k, v, rules, query_start, alibi = _inputs(case, dtype)
     n_heads = q.shape[1]
     if backend == "flash" and (reason := flash_unsupported_reason(
-        q, k, mask=MaskSpec(query_start=query_start, **rules), alibi_slopes=None, alibi_symmetric="prefix" in case
+        q, k, mask=MaskSpec(query_start=query_start, **rules), alibi_slopes=None
     )):
         pytest.skip(reason)
     symmetric = "prefix" in case
@@ -159,7 +159,6 @@ def test_forward_and_gradients_match_float64_reference(case, dtype, backend, sma
         impl=backend,
         mask=MaskSpec(query_start=query_start, **rules),
         alibi_slopes=alibi_slopes(n_heads, device=q.device) if alibi else None,
-        alibi_symmetric=symmetric,
         softmax_scale=scale,
     )
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(out)
@@ -254,7 +253,7 @@ def test_auto_runs_what_it_chooses_and_unknown_names_fail():
     slopes = alibi_slopes(q.shape[1], device=q.device)
     chosen = choose_backend(q, k, mask=mask, alibi_slopes=slopes)
     out = attend(q, k, v, impl="auto", mask=mask, alibi_slopes=slopes, softmax_scale=0.25)
-    expected = BACKENDS[chosen](q, k, v, mask=mask, alibi_slopes=slopes, alibi_symmetric=False, softmax_scale=0.25, dropout_p=0.0)
+    expected = BACKENDS[chosen](q, k, v, mask=mask, alibi_slopes=slopes, softmax_scale=0.25, dropout_p=0.0)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     with pytest.raises(ValueError, match="attn_impl 'magic'.*choose one of"):
         attend(q, k, v, impl="magic", mask=mask, softmax_scale=0.25)

@@ -39,26 +39,21 @@ def alibi_bias(
     slopes: torch.Tensor,
     query_positions: torch.Tensor,
     key_positions: torch.Tensor,
-    *,
-    symmetric: bool = False,
 ) -> torch.Tensor:
-    """The additive score bias `-m_h * (i - j)`, or `-m_h * |i - j|` when `symmetric` (prefix-LM).
+    """The additive score bias `-m_h * |i - j|`: the distance, whichever side of the query a key is.
 
     slopes: (H,); query_positions: (Sq,); key_positions: (Sk,). Returns (1, H, Sq, Sk) in fp32, or
     in the slopes' dtype when that is wider.
-    For causal attention -m(i-j) differs from MPT's key-only bias by a per-row constant that
-    softmax cancels, so the outputs are MPT's.
+    For the keys a causal query sees (j <= i) this is -m(i-j), which differs from MPT's key-only
+    bias by a per-row constant that softmax cancels, so the outputs are MPT's; the keys after a
+    query that a prefix-LM's prefix lets it see get the symmetric bias, as in llm-foundry. One rule,
+    so no caller passes whether the model is a prefix-LM: the mask (`MaskSpec.prefix`) says it.
     """
     dtype = torch.promote_types(slopes.dtype, torch.float32)
     relative = key_positions.to(dtype)[None, :] - query_positions.to(dtype)[:, None]
-    if symmetric:
-        relative = -relative.abs()
-    return (slopes.to(dtype)[:, None, None] * relative)[None]
+    return (slopes.to(dtype)[:, None, None] * -relative.abs())[None]
 
 
-def alibi_score(slope: torch.Tensor, query_index: torch.Tensor, key_index: torch.Tensor, symmetric: bool):
+def alibi_score(slope: torch.Tensor, query_index: torch.Tensor, key_index: torch.Tensor):
     """Elementwise form of `alibi_bias` for fused kernels (FlexAttention score_mod): one score's bias."""
-    relative = key_index - query_index
-    if symmetric:
-        relative = -relative.abs()
-    return slope * relative
+    return slope * -(key_index - query_index).abs()

@@ -42,12 +42,12 @@ def _wide(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def torch_attention(q, k, v, *, mask, alibi_slopes, alibi_symmetric, softmax_scale, dropout_p):
+def torch_attention(q, k, v, *, mask, alibi_slopes, softmax_scale, dropout_p):
     """Reference path: q (B, H, Sq, D), k/v (B, Hkv, Sk, D) -> (B, H, Sq, D)."""
     n_heads, num_queries, num_keys = q.shape[1], q.shape[-2], k.shape[-2]
     k, v = _expand_kv(k, n_heads), _expand_kv(v, n_heads)
     scores = torch.matmul(q, k.transpose(-1, -2)).to(_wide(q.dtype)) * softmax_scale  # (B, H, Sq, Sk)
-    bias = dense_bias(mask, num_queries, num_keys, alibi_slopes, alibi_symmetric, q.device, _wide(q.dtype))
+    bias = dense_bias(mask, num_queries, num_keys, alibi_slopes, q.device, _wide(q.dtype))
     if bias is not None:
         scores = scores + bias
     weights = torch.softmax(scores, dim=-1).to(v.dtype)
@@ -62,7 +62,7 @@ def _plain_causal(mask: MaskSpec, alibi_slopes) -> bool:
     return mask.causal and alibi_slopes is None and not mask.has_per_token_rules and mask.sliding_window is None
 
 
-def sdpa_attention(q, k, v, *, mask, alibi_slopes, alibi_symmetric, softmax_scale, dropout_p):
+def sdpa_attention(q, k, v, *, mask, alibi_slopes, softmax_scale, dropout_p):
     """`scaled_dot_product_attention`; a plain causal mask uses its fused `is_causal` path."""
     num_queries, num_keys = q.shape[-2], k.shape[-2]
     enable_gqa = k.shape[1] != q.shape[1]
@@ -72,7 +72,7 @@ def sdpa_attention(q, k, v, *, mask, alibi_slopes, alibi_symmetric, softmax_scal
         )
     if _plain_causal(mask, alibi_slopes) and num_queries == 1:  # one new token sees the whole cache
         return F.scaled_dot_product_attention(q, k, v, scale=softmax_scale, dropout_p=dropout_p, enable_gqa=enable_gqa)
-    bias = dense_bias(mask, num_queries, num_keys, alibi_slopes, alibi_symmetric, q.device, _wide(q.dtype), q.dtype)
+    bias = dense_bias(mask, num_queries, num_keys, alibi_slopes, q.device, _wide(q.dtype), q.dtype)
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=bias, scale=softmax_scale, dropout_p=dropout_p, enable_gqa=enable_gqa
     )
@@ -96,7 +96,7 @@ AUTO_FLEX_MIN_SCORES = 512 * 512
 AUTO_CPU_TRAINING_MAX_DENSE_BIAS_BYTES = 256 * 2**20
 
 
-def choose_backend(q, k, *, mask: MaskSpec, alibi_slopes, alibi_symmetric: bool = False, dropout_p: float = 0.0) -> str:
+def choose_backend(q, k, *, mask: MaskSpec, alibi_slopes, dropout_p: float = 0.0) -> str:
     """What `auto` runs: the fastest backend that computes this attention exactly here.
 
     - CUDA with flash-attn installed, half precision, masks it takes: `flash`.
@@ -108,7 +108,7 @@ def choose_backend(q, k, *, mask: MaskSpec, alibi_slopes, alibi_symmetric: bool 
     - Otherwise `sdpa` with a dense bias: short sequences, dropout, dtypes or CPUs flex lacks.
     """
     num_queries, num_keys = q.shape[-2], k.shape[-2]
-    if flash_unsupported_reason(q, k, mask=mask, alibi_slopes=alibi_slopes, alibi_symmetric=alibi_symmetric) is None:
+    if flash_unsupported_reason(q, k, mask=mask, alibi_slopes=alibi_slopes) is None:
         return "flash"
     if num_queries == 1 or (_plain_causal(mask, alibi_slopes) and num_queries == num_keys):
         return "sdpa"
@@ -139,13 +139,12 @@ def attend(
     impl: str,
     mask: MaskSpec,
     alibi_slopes: torch.Tensor | None = None,
-    alibi_symmetric: bool = False,
     softmax_scale: float,
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """Attention of q (B, H, Sq, D) over k, v (B, Hkv, Sk, D); returns (B, H, Sq, D)."""
     if impl == "auto":
-        impl = choose_backend(q, k, mask=mask, alibi_slopes=alibi_slopes, alibi_symmetric=alibi_symmetric, dropout_p=dropout_p)
+        impl = choose_backend(q, k, mask=mask, alibi_slopes=alibi_slopes, dropout_p=dropout_p)
     backend = resolve_backend(impl)
     return backend(
         q,
@@ -153,7 +152,6 @@ def attend(
         v,
         mask=mask,
         alibi_slopes=alibi_slopes,
-        alibi_symmetric=alibi_symmetric,
         softmax_scale=softmax_scale,
         dropout_p=dropout_p,
     )

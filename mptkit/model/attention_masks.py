@@ -93,7 +93,6 @@ def dense_bias(
     num_queries: int,
     num_keys: int,
     alibi_slopes: torch.Tensor | None,
-    alibi_symmetric: bool,
     device,
     dtype=torch.float32,
     out_dtype: torch.dtype | None = None,
@@ -109,16 +108,16 @@ def dense_bias(
     out_dtype = out_dtype or dtype
     # The sizes are compared, not hashed: under torch.compile with a dynamic key length, hashing
     # would specialize the graph to one length.
-    cache_key = ("dense_bias", dtype, out_dtype, str(device), alibi_slopes is None, alibi_symmetric)
+    cache_key = ("dense_bias", dtype, out_dtype, str(device), alibi_slopes is None)
     sizes, bias = mask.backend_cache.get(cache_key, (None, None))
     if sizes is None or sizes[0] != num_queries or sizes[1] != num_keys:
-        bias = _build_dense_bias(mask, num_queries, num_keys, alibi_slopes, alibi_symmetric, device, dtype)
+        bias = _build_dense_bias(mask, num_queries, num_keys, alibi_slopes, device, dtype)
         bias = None if bias is None else bias.to(out_dtype)
         mask.backend_cache[cache_key] = ((num_queries, num_keys), bias)
     return bias
 
 
-def _build_dense_bias(mask, num_queries, num_keys, alibi_slopes, alibi_symmetric, device, dtype):
+def _build_dense_bias(mask, num_queries, num_keys, alibi_slopes, device, dtype):
     allowed = mask.allowed(num_queries, num_keys, device)
     if alibi_slopes is None:
         if allowed is None:
@@ -126,7 +125,7 @@ def _build_dense_bias(mask, num_queries, num_keys, alibi_slopes, alibi_symmetric
         return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
     query_positions = mask.query_start + torch.arange(num_queries, device=device)
     key_positions = torch.arange(num_keys, device=device)
-    bias = alibi_bias(alibi_slopes.to(dtype), query_positions, key_positions, symmetric=alibi_symmetric)
+    bias = alibi_bias(alibi_slopes.to(dtype), query_positions, key_positions)
     if allowed is None:
         return bias
     return torch.where(allowed, bias, torch.tensor(float("-inf"), dtype=bias.dtype, device=device))

@@ -3,8 +3,8 @@
 flash-attn is optional: the import sits in a try block (transformers' remote-code import check
 ignores those), and the backend refuses, naming the reason, wherever it cannot run.
 FlashAttention-2 adds `-slope * |i + Sk - Sq - j|` to the scores (queries aligned to the last
-keys): for causal attention this is MPT's `-slope * (i - j)`; without a causal mask it is the
-symmetric bias of prefix-LM. It takes causal and sliding-window masks, not per-token ones (key
+keys): mptkit's `-slope * |i - j|` (alibi.py) for causal attention and without a causal mask
+alike. It takes causal and sliding-window masks, not per-token ones (key
 padding, packed documents, prefix-LM).
 """
 
@@ -28,7 +28,7 @@ def _installed_version() -> tuple[int, ...] | None:
     return tuple(int(part) for part in flash_attn.__version__.split(".")[:2] if part.isdigit())
 
 
-def flash_unsupported_reason(q, k, *, mask, alibi_slopes, alibi_symmetric, **_) -> str | None:
+def flash_unsupported_reason(q, k, *, mask, alibi_slopes, **_) -> str | None:
     """Why `flash` cannot compute this attention exactly; None when it can."""
     version = _installed_version()
     if version is None or version < _MIN_VERSION:
@@ -43,14 +43,12 @@ def flash_unsupported_reason(q, k, *, mask, alibi_slopes, alibi_symmetric, **_) 
         return "key padding, packed documents and prefix-LM need per-token masks that flash_attn_func does not take"
     if mask.causal and not (isinstance(mask.query_start, int) and mask.query_start == k.shape[-2] - q.shape[-2]):
         return "its causal mask assumes the queries are the last keys (query_start == Sk - Sq, an int)"
-    if not mask.causal and alibi_slopes is not None and not alibi_symmetric:
-        return "without a causal mask its ALiBi is symmetric (-slope * |i - j|)"
     return None
 
 
-def flash_attention_backend(q, k, v, *, mask, alibi_slopes, alibi_symmetric, softmax_scale, dropout_p):
+def flash_attention_backend(q, k, v, *, mask, alibi_slopes, softmax_scale, dropout_p):
     """q (B, H, Sq, D), k/v (B, Hkv, Sk, D) -> (B, H, Sq, D) with flash_attn_func (GQA native)."""
-    reason = flash_unsupported_reason(q, k, mask=mask, alibi_slopes=alibi_slopes, alibi_symmetric=alibi_symmetric)
+    reason = flash_unsupported_reason(q, k, mask=mask, alibi_slopes=alibi_slopes)
     if reason is not None:
         raise NotImplementedError(f"attn_impl 'flash': {reason}; use 'flex', 'sdpa' or 'auto'")
     window = mask.sliding_window

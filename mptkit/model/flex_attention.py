@@ -134,9 +134,9 @@ def _mask_mod(mask: MaskSpec, query_offset, num_keys, key_padding, sequence_id, 
     return mask_mod
 
 
-def _alibi_score_mod(slopes: torch.Tensor, query_offset: torch.Tensor, symmetric: bool):
+def _alibi_score_mod(slopes: torch.Tensor, query_offset: torch.Tensor):
     def score_mod(score, batch, head, query_index, key_index):
-        return score + alibi_score(slopes[head], query_index + query_offset, key_index, symmetric)
+        return score + alibi_score(slopes[head], query_index + query_offset, key_index)
 
     return score_mod
 
@@ -196,7 +196,7 @@ def _build_plan(mask: MaskSpec, num_queries: int, num_keys: int, device: torch.d
 # The backend
 
 
-def flex_attention_backend(q, k, v, *, mask, alibi_slopes, alibi_symmetric, softmax_scale, dropout_p):
+def flex_attention_backend(q, k, v, *, mask, alibi_slopes, softmax_scale, dropout_p):
     """q (B, H, Sq, D), k/v (B, Hkv, Sk, D) -> (B, H, Sq, D), via compiled FlexAttention."""
     if dropout_p:
         raise NotImplementedError("attn_impl 'flex' has no attention dropout (attn_pdrop > 0): use 'sdpa' or 'torch'")
@@ -204,11 +204,11 @@ def flex_attention_backend(q, k, v, *, mask, alibi_slopes, alibi_symmetric, soft
         raise NotImplementedError(f"attn_impl 'flex' runs in {[str(d) for d in _FLEX_DTYPES]}, not {q.dtype}")
     num_queries, num_keys = q.shape[-2], k.shape[-2]
     if torch.compiler.is_compiling() and (q.device.type == "cpu" or num_queries == 1):
-        return _inside_callers_compile(q, k, v, mask, alibi_slopes, alibi_symmetric, softmax_scale)
+        return _inside_callers_compile(q, k, v, mask, alibi_slopes, softmax_scale)
     plan = _plan(mask, num_queries, num_keys, q.device)
     score_mod = None
     if alibi_slopes is not None:
-        score_mod = _alibi_score_mod(alibi_slopes.to(q.device, torch.float32), plan.query_offset, alibi_symmetric)
+        score_mod = _alibi_score_mod(alibi_slopes.to(q.device, torch.float32), plan.query_offset)
 
     def run(q, k, v):
         out = _call_compiled(
@@ -225,11 +225,11 @@ def flex_attention_backend(q, k, v, *, mask, alibi_slopes, alibi_symmetric, soft
 
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if needs_grad and q.device.type == "cpu":
-        return _FlexWithBlockwiseBackward.apply(q, k, v, run, mask, alibi_slopes, alibi_symmetric, softmax_scale)
+        return _FlexWithBlockwiseBackward.apply(q, k, v, run, mask, alibi_slopes, softmax_scale)
     return run(q, k, v)
 
 
-def _inside_callers_compile(q, k, v, mask, alibi_slopes, alibi_symmetric, softmax_scale):
+def _inside_callers_compile(q, k, v, mask, alibi_slopes, softmax_scale):
     """Flex called inside the caller's own torch.compile on CPU, or for a one-query step on any
     device (e.g. a compiled decode step).
 
@@ -245,7 +245,7 @@ def _inside_callers_compile(q, k, v, mask, alibi_slopes, alibi_symmetric, softma
             "flex compiles itself, so run the model without torch.compile (or use 'auto')"
         )
     wide = torch.promote_types(q.dtype, torch.float32)
-    bias = dense_bias(mask, 1, k.shape[-2], alibi_slopes, alibi_symmetric, q.device, wide, q.dtype)
+    bias = dense_bias(mask, 1, k.shape[-2], alibi_slopes, q.device, wide, q.dtype)
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=bias, scale=softmax_scale, enable_gqa=q.shape[1] != k.shape[1]
     )
@@ -261,10 +261,10 @@ class _FlexWithBlockwiseBackward(torch.autograd.Function):
     """Compiled flex forward; backward recomputed per query block (flex has no CPU backward)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, run, mask, alibi_slopes, alibi_symmetric, softmax_scale):
+    def forward(ctx, q, k, v, run, mask, alibi_slopes, softmax_scale):
         out = run(q, k, v).contiguous()
         ctx.save_for_backward(q, k, v, out)
-        ctx.rules = (mask, alibi_slopes, alibi_symmetric, softmax_scale)
+        ctx.rules = (mask, alibi_slopes, softmax_scale)
         return out
 
     @staticmethod
@@ -274,7 +274,7 @@ class _FlexWithBlockwiseBackward(torch.autograd.Function):
         return grad_q, grad_k, grad_v, None, None, None, None, None
 
 
-def blockwise_attention_backward(q, k, v, out, grad_out, mask, alibi_slopes, alibi_symmetric, softmax_scale):
+def blockwise_attention_backward(q, k, v, out, grad_out, mask, alibi_slopes, softmax_scale):
     """Gradients of out = softmax(q k^T * scale + bias) v with respect to q, k, v.
 
     Recomputes the probabilities for one block of queries at a time (FlashAttention-2's backward,
@@ -307,7 +307,7 @@ def blockwise_attention_backward(q, k, v, out, grad_out, mask, alibi_slopes, ali
 
         # in-place updates below act on fresh matmul outputs: one pass each, no extra copies
         scores = torch.matmul(q_block, k_block.transpose(-1, -2)).to(wide).mul_(softmax_scale)  # (B, Hkv, G, C, K)
-        bias = dense_bias(mask.query_block(begin, end, keys), end - begin, keys, alibi_slopes, alibi_symmetric, q.device, wide)
+        bias = dense_bias(mask.query_block(begin, end, keys), end - begin, keys, alibi_slopes, q.device, wide)
         if bias is not None:  # (B|1, H|1, C, K) -> (B|1, Hkv|1, G|1, C, K)
             scores += bias.unflatten(1, (kv_heads, groups)) if bias.shape[1] == n_heads else bias[:, :, None]
         probs = torch.softmax(scores, dim=-1)

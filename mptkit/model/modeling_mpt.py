@@ -128,7 +128,7 @@ class MPTAttention(nn.Module):
         self.out_proj = nn.Linear(config.d_model, config.d_model, bias=not config.no_bias)
         self.out_proj._is_residual = True
 
-    def forward(self, x, *, mask: MaskSpec, alibi_slopes, alibi_symmetric, rope, cache: Cache | None):
+    def forward(self, x, *, mask: MaskSpec, alibi_slopes, rope, cache: Cache | None):
         batch, length, _ = x.shape
         qkv = self.Wqkv(x)
         if self.clip_qkv:
@@ -150,7 +150,6 @@ class MPTAttention(nn.Module):
             impl=self.attn_impl,
             mask=mask,
             alibi_slopes=alibi_slopes,
-            alibi_symmetric=alibi_symmetric,
             softmax_scale=self.softmax_scale,
             dropout_p=self.dropout_p if self.training else 0.0,
         )
@@ -195,10 +194,8 @@ class MPTBlock(nn.Module):
         self.ffn = MPTMLP(config)
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
 
-    def forward(self, x, mask, alibi_slopes, alibi_symmetric, rope, cache):
-        attn_out = self.attn(
-            self.norm_1(x), mask=mask, alibi_slopes=alibi_slopes, alibi_symmetric=alibi_symmetric, rope=rope, cache=cache
-        )
+    def forward(self, x, mask, alibi_slopes, rope, cache):
+        attn_out = self.attn(self.norm_1(x), mask=mask, alibi_slopes=alibi_slopes, rope=rope, cache=cache)
         x = x + self.resid_dropout(attn_out)
         return x + self.resid_dropout(self.ffn(self.norm_2(x)))
 
@@ -320,9 +317,9 @@ class MPTModel(MPTPreTrainedModel):
         rope = rope_angles(positions, self.config.head_dim, self.rope_theta, wide) if self.rope_theta is not None else None
         for block in self.blocks:
             if self.gradient_checkpointing and self.training:
-                x = self._gradient_checkpointing_func(block.__call__, x, mask, slopes, self.prefix_lm, rope, None)
+                x = self._gradient_checkpointing_func(block.__call__, x, mask, slopes, rope, None)
             else:
-                x = block(x, mask, slopes, self.prefix_lm, rope, cache)
+                x = block(x, mask, slopes, rope, cache)
         return self.norm_f(x)
 
     def forward(
