@@ -578,7 +578,11 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     plain = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     model.gradient_checkpointing_enable()
+    calls = []  # the attention of each block runs again in backward: the recompute happens
+    for block in model.transformer.blocks:
+        block.attn.register_forward_hook(lambda *_: calls.append(1))
     model(ids, labels=ids).loss.backward()
+    assert len(calls) == 2 * len(model.transformer.blocks)
     for name, param in model.named_parameters():
         torch.testing.assert_close(param.grad, plain[name], rtol=1e-5, atol=1e-6)
 

@@ -216,3 +216,24 @@ def test_anomaly_policy_skips_bad_steps_and_stops_after_too_many_in_a_row():
         "step 7: loss is nan; stopping (anomaly.policy=skip, 3 bad step(s) in a row). Nothing was saved after the bad "
         "step: no checkpoint was saved yet. Resume from it with a lower optimizer.lr or with anomaly.policy=skip.")
     assert AnomalyPolicy(AnomalyConfig(policy="stop")).review(stats(1, "loss is inf")) == "stop"
+
+
+def test_activation_checkpointing_reruns_each_block_in_backward_with_the_same_gradients():
+    from mptkit.train.config import ParallelConfig, TrainConfig
+    from mptkit.train.parallel import DistributedEnv, parallelize
+
+    env = DistributedEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    ids = torch.randint(0, 50277, (2, 16), generator=torch.Generator().manual_seed(1))
+    calls, grads = [], []
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        model = MPTForCausalLM(MPTConfig.from_preset("tiny", max_seq_len=32))
+        parallelize(model, TrainConfig(activation_checkpointing=recompute), ParallelConfig(), env).train()
+        count = []
+        for block in model.transformer.blocks:
+            block.attn.register_forward_hook(lambda *_: count.append(1))
+        model(ids, labels=ids).loss.backward()
+        calls.append(len(count))
+        grads.append({name: param.grad for name, param in model.named_parameters()})
+    assert calls == [2, 4]  # two blocks; with recompute each attention runs again in backward
+    assert all(torch.equal(grads[0][name], grads[1][name]) for name in grads[0])

@@ -7,6 +7,7 @@ saved checkpoint as remote code: they import only torch, transformers and each o
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import shutil
@@ -15,6 +16,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -184,7 +186,16 @@ class MPTMLP(nn.Module):
 
 
 class MPTBlock(nn.Module):
-    """Pre-LN transformer block: x + attn(norm_1(x)), then + ffn(norm_2(x))."""
+    """Pre-LN transformer block: x + attn(norm_1(x)), then + ffn(norm_2(x)).
+
+    Activation checkpointing, the one mechanism: with `gradient_checkpointing` on (set by
+    transformers' `gradient_checkpointing_enable`, or by the trainer's parallelize) a training
+    forward keeps only the block's input and reruns inside backward. It wraps `forward`, inside the
+    module's call, so FSDP's hooks stay outside the recomputed region and a compiled block traces it.
+    """
+
+    # transformers' switch replaces the function (with its own checkpoint arguments) when it enables it.
+    _gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False)
 
     def __init__(self, config: MPTConfig, layer_idx: int):
         super().__init__()
@@ -193,8 +204,14 @@ class MPTBlock(nn.Module):
         self.norm_2 = build_norm(config, config.d_model)
         self.ffn = MPTMLP(config)
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
+        self.gradient_checkpointing = False
 
     def forward(self, x, mask, alibi_slopes, rope, cache):
+        if self.gradient_checkpointing and self.training:
+            return self._gradient_checkpointing_func(self._layers, x, mask, alibi_slopes, rope, cache)
+        return self._layers(x, mask, alibi_slopes, rope, cache)
+
+    def _layers(self, x, mask, alibi_slopes, rope, cache):
         attn_out = self.attn(self.norm_1(x), mask=mask, alibi_slopes=alibi_slopes, rope=rope, cache=cache)
         x = x + self.resid_dropout(attn_out)
         return x + self.resid_dropout(self.ffn(self.norm_2(x)))
@@ -287,7 +304,6 @@ class MPTModel(MPTPreTrainedModel):
         self.emb_drop = nn.Dropout(config.emb_pdrop)
         self.blocks = nn.ModuleList(MPTBlock(config, i) for i in range(config.n_layers))
         self.norm_f = build_norm(config, config.d_model)
-        self.gradient_checkpointing = False
         self.post_init()
 
     def get_input_embeddings(self):
@@ -316,10 +332,7 @@ class MPTModel(MPTPreTrainedModel):
         slopes = alibi_slopes(self.config.n_heads, self.alibi_bias_max, device=x.device, dtype=wide) if self.alibi else None
         rope = rope_angles(positions, self.config.head_dim, self.rope_theta, wide) if self.rope_theta is not None else None
         for block in self.blocks:
-            if self.gradient_checkpointing and self.training:
-                x = self._gradient_checkpointing_func(block.__call__, x, mask, slopes, rope, None)
-            else:
-                x = block(x, mask, slopes, rope, cache)
+            x = block(x, mask, slopes, rope, cache)
         return self.norm_f(x)
 
     def forward(

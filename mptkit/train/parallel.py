@@ -1,6 +1,7 @@
 """Distributed setup and the parallelisms applied to a model from outside it.
 
-The model is written for one device; `parallelize` adds activation checkpointing, per-block
+The model is written for one device; `parallelize` switches on its blocks' activation
+checkpointing (MPTBlock's own, the one transformers' API switches on too), and adds per-block
 torch.compile and FSDP2 (`fully_shard` on every block, then on the root), torchtitan's order.
 Under `torchrun` the process group comes from the environment it sets (RANK, WORLD_SIZE, ...):
 gloo for CPU, nccl for CUDA.
@@ -14,7 +15,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from .config import ParallelConfig, TrainConfig
 
@@ -59,20 +59,6 @@ def teardown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def _recompute_in_backward(block: nn.Module) -> None:
-    """Activation checkpointing: keep only the block's input; rerun its forward during backward.
-
-    The block's own `forward` is wrapped on the instance, so parameter names (and checkpoints)
-    do not change.
-    """
-    forward = block.forward
-
-    def forward_with_recompute(*args, **kwargs):
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
-
-    block.forward = forward_with_recompute
-
-
 def parallelize(model: nn.Module, train: TrainConfig, parallel: ParallelConfig, env: DistributedEnv) -> nn.Module:
     """Apply activation checkpointing, compilation and FSDP2 to `model.transformer.blocks`.
 
@@ -81,8 +67,8 @@ def parallelize(model: nn.Module, train: TrainConfig, parallel: ParallelConfig, 
     """
     blocks = model.transformer.blocks
     for block in blocks:
-        if train.activation_checkpointing:
-            _recompute_in_backward(block)
+        # The block's own activation checkpointing (MPTBlock): its input kept, its forward rerun in backward.
+        block.gradient_checkpointing = train.activation_checkpointing
         if train.compile:
             block.compile()  # in place: parameter names stay those of the uncompiled module
     if env.is_distributed:
