@@ -161,9 +161,9 @@ def _stage_config(base_yaml: str, cfg: DemoConfig, *, name: str, out: Path, mode
                   batch: int, seq_len: int):
     """A shipped config, loaded once, with the demo's changes: CPU, no periodic checkpoints or evals
     (the demo evaluates afterwards), a fresh start."""
-    from mptkit.train.config import load_run
+    from mptkit.train.config import read_config
 
-    base = load_run(REPO / base_yaml).config
+    base = read_config(REPO / base_yaml)
     return replace(
         base, name=name, output_dir=str(out), seed=cfg.seed, model=model,
         data=replace(base.data, train=_resolve(data_train), val=_resolve(data_val)),

@@ -28,29 +28,43 @@ def stand_in_model(tmp_path_factory):
     return directory
 
 
-@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.relative_to(REPO / "configs").as_posix())
-def test_every_example_config_validates(path, stand_in_model):
+def _stand_ins(path: Path, model: Path) -> list[str]:
+    """Overrides for what an example expects an earlier step to have made (a model, prepared data):
+    the stand-in model and the repository's own files of the same kind."""
     import yaml
 
-    init_from = yaml.safe_load(path.read_text())["model"].get("init_from")
-    run = load_run(path, [f"model.init_from={stand_in_model}"] if init_from else [])
+    text = yaml.safe_load(path.read_text())
+    overrides = [f"model.init_from={model}"] if text["model"].get("init_from") else []
+    for split, stand_in in (("train", "data/books/train"), ("val", "data/books/heldout")):
+        if not all((REPO / p).exists() for p in text["data"].get(split, [])):
+            overrides.append(f"data.{split}=[{REPO / stand_in}]")
+    return overrides
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.relative_to(REPO / "configs").as_posix())
+def test_every_example_config_validates(path, stand_in_model, monkeypatch):
+    monkeypatch.chdir(REPO)  # the examples name their data relative to the repository
+    run = load_run(path, _stand_ins(path, stand_in_model))
     assert isinstance(run.config, RunConfig)
     assert run.config.data.train and run.seq_len <= run.model_config.max_seq_len
 
 
 @pytest.mark.parametrize("path", EXAMPLES[:3], ids=lambda p: p.name)
-def test_the_config_saved_beside_checkpoints_loads_back_unchanged(path, tmp_path, stand_in_model):
+def test_the_config_saved_beside_checkpoints_loads_back_unchanged(path, tmp_path, stand_in_model, monkeypatch):
     import yaml
 
+    monkeypatch.chdir(REPO)
     config = load_run(path, ["optimizer.lr=3e-4", "model.attn_config.alibi_bias_max=16",
-                             f"model.init_from={stand_in_model}"]).config
+                             *_stand_ins(path, stand_in_model)]).config
     saved = tmp_path / "run_config.yaml"
     saved.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     assert load_run(saved).config == config
 
 
 def test_storywriter_raises_context_and_alibi_bias_max():
-    config = load_run(REPO / "configs/finetune/storywriter.yaml", ["model.init_from=null", "model.preset=mpt-7b"]).config
+    path = REPO / "configs/finetune/storywriter.yaml"
+    config = load_run(path, ["model.init_from=null", "model.preset=mpt-7b", f"data.train=[{REPO / 'data/books/train'}]",
+                             "data.val=[]"]).config
     assert config.model.overrides["max_seq_len"] == 65536
     assert config.model.overrides["attn_config"]["alibi_bias_max"] == 16
 
@@ -61,7 +75,7 @@ def _write(tmp_path, text: str) -> Path:
     return path
 
 
-BASE = "data:\n  train: [some/shards]\n"
+BASE = f"data:\n  train: [{REPO / 'data/books/train'}]\n"
 
 
 def test_unknown_key_names_file_line_path_and_suggestion(tmp_path):
@@ -210,3 +224,19 @@ def test_print_config_goes_anywhere_on_the_command_line(argv, capsys):
     yaml_path = str(REPO / "configs/pretrain/tiny.yaml")
     assert main("train", [a.format(yaml=yaml_path) for a in argv]) == 0
     assert "max_steps: 30" in capsys.readouterr().out
+
+
+def test_missing_data_and_shards_of_another_length_fail_when_read(tmp_path):
+    from mptkit.data.prepare import prepare_pretraining
+
+    path = _write(tmp_path, f"data:\n  train: [{tmp_path / 'nowhere.txt'}]\n")
+    with pytest.raises(ConfigError) as info:
+        load_run(path)
+    assert (info.value.where, info.value.field) == (f"{path}:2", "data.train")
+    assert info.value.message.startswith(f"{tmp_path / 'nowhere.txt'} does not exist")
+    prepare_pretraining([REPO / "data/books/heldout"], tmp_path / "shards", seq_len=32, progress=False)
+    path = _write(tmp_path, f"data:\n  train: [{tmp_path / 'shards'}]\ntrain:\n  seq_len: 64\n")
+    with pytest.raises(ConfigError, match=rf"run.yaml:2: data.train: the shards in {tmp_path / 'shards'} hold samples "
+                                          r"of 32 tokens but the run's seq_len is 64"):
+        load_run(path)
+    assert load_run(path, ["train.seq_len=32"]).seq_len == 32

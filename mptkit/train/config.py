@@ -16,6 +16,7 @@ checkpoint) plus any `MPTConfig` field as an override, e.g. `model.max_seq_len=4
 from __future__ import annotations
 
 import dataclasses
+import glob
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any, Literal
 import torch
 
 from mptkit.adapters import DEFAULT_TARGET_MODULES, BaseIdentity, LoraSpec, base_identity, read_base_identity
+from mptkit.data.shards import INDEX_FILE, read_index
 from mptkit.loading import CHECKPOINTS_DIR, ModelSource, find_source, read_config_fields, source_identity
 from mptkit.model import MPTConfig
 from mptkit.model.configuration_mpt import ConfigError as ModelConfigError
@@ -231,9 +233,18 @@ class ResolvedRun:
 
 def load_run(path: str | Path | None, overrides: list[str] = ()) -> ResolvedRun:
     """Read a YAML file (or start from defaults), apply `a.b.c=value` overrides, resolve the run."""
-    config, origins = typed_yaml.load(RunConfig, path, overrides, readers={ModelConfig: _read_model_section},
-                                      override_example="optimizer.lr=3e-4")
-    return resolve(config, origins)
+    return resolve(*_read(path, overrides))
+
+
+def read_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """The typed config of a file and overrides, each value checked but the run not resolved: for a
+    caller that changes it in code before `resolve` (the demo starts from the shipped configs)."""
+    return _read(path, overrides)[0]
+
+
+def _read(path: str | Path | None, overrides: list[str]) -> tuple[RunConfig, typed_yaml.Origins]:
+    return typed_yaml.load(RunConfig, path, overrides, readers={ModelConfig: _read_model_section},
+                           override_example="optimizer.lr=3e-4")
 
 
 def resolve(config: RunConfig, origins: typed_yaml.Origins | None = None) -> ResolvedRun:
@@ -248,6 +259,8 @@ def resolve(config: RunConfig, origins: typed_yaml.Origins | None = None) -> Res
     if seq_len > model_config.max_seq_len:
         origins.fail("train.seq_len", f"{seq_len} exceeds the model's max_seq_len={model_config.max_seq_len}"
                      f"{f' ({source.path})' if source else ''}; set model.max_seq_len too (ALiBi extrapolates)")
+    for split in ("train", "val"):
+        _check_data(config.data, split, seq_len, origins)
     lora_base = None
     if config.lora is not None:
         of_model = f" (model of {source.path})" if source else ""
@@ -257,6 +270,21 @@ def resolve(config: RunConfig, origins: typed_yaml.Origins | None = None) -> Res
                      base_identity(None, {"preset": config.model.preset, "overrides": config.model.overrides,
                                           "seed": config.seed}))
     return ResolvedRun(config=config, model_config=model_config, seq_len=seq_len, source=source, lora_base=lora_base)
+
+
+def _check_data(data: DataConfig, split: str, seq_len: int, origins: typed_yaml.Origins) -> None:
+    """The files of data.train / data.val exist (URLs are read when the run starts), and a shard
+    directory holds samples of the run's seq_len."""
+    paths, key = getattr(data, split), f"data.{split}"
+    if data.kind == "pretrain" and len(paths) == 1 and (Path(paths[0]) / INDEX_FILE).is_file():
+        if (shard_len := read_index(paths[0]).seq_len) != seq_len:
+            origins.fail(key, f"the shards in {paths[0]} hold samples of {shard_len} tokens but the run's seq_len is "
+                         f"{seq_len}; set train.seq_len={shard_len} or prepare shards of the wanted length")
+        return
+    missing = [p for p in paths if not glob.glob(p) and "://" not in p]
+    if missing:
+        origins.fail(key, f"{missing[0]} does not exist (expected a shard directory from `mptkit data prepare`, or "
+                     "text/JSONL/parquet files, directories or globs)")
 
 
 def _init_source(init_from: str | None, origins: typed_yaml.Origins) -> ModelSource | None:

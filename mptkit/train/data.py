@@ -8,7 +8,6 @@ The position is global, so the saved state is the same on every rank and resumes
 
 from __future__ import annotations
 
-import glob
 from pathlib import Path
 
 import torch
@@ -19,7 +18,7 @@ from mptkit.data.shards import INDEX_FILE
 from mptkit.data.streaming import StreamingTokenDataset
 from mptkit.data.tokenizer import load_tokenizer
 
-from .config import ConfigError, RunConfig
+from .config import RunConfig
 from .parallel import DistributedEnv, barrier
 
 
@@ -27,11 +26,7 @@ def _shard_directory(paths: list[str], split: str, config: RunConfig, seq_len: i
     """A shard directory: `paths` itself if it is one, else the text they name, tokenized once
     (by rank 0, into output_dir/data/) into samples of seq_len tokens."""
     if len(paths) == 1 and (Path(paths[0]) / INDEX_FILE).is_file():
-        return paths[0]
-    missing = [p for p in paths if not glob.glob(p) and "://" not in p]
-    if missing:
-        raise ConfigError(f"data.{split}: {missing[0]} does not exist (expected a shard directory from "
-                          "`mptkit data prepare`, or text/JSONL/parquet files, directories or globs)")
+        return paths[0]  # its samples' length was checked against seq_len when the run was resolved
     out = Path(config.output_dir) / "data" / f"{split}-seq{seq_len}"
     if env.is_main:
         prepare_pretraining(paths, out, tokenizer=config.data.tokenizer, seq_len=seq_len, progress=True)
@@ -42,14 +37,9 @@ def _shard_directory(paths: list[str], split: str, config: RunConfig, seq_len: i
 class PretrainBatches:
     """Micro-batches of packed token windows: input_ids, labels (= input_ids), sequence_id."""
 
-    def __init__(self, shard_dir: str, seq_len: int, micro_batch_size: int, seed: int, shuffle: bool,
-                 env: DistributedEnv):
+    def __init__(self, shard_dir: str, micro_batch_size: int, seed: int, shuffle: bool, env: DistributedEnv):
         self.dataset = StreamingTokenDataset(shard_dir, seed=seed, shuffle=shuffle, rank=env.rank,
                                              world_size=env.world_size)
-        if self.dataset.seq_len != seq_len:
-            raise ConfigError(f"data: the shards in {shard_dir} hold samples of {self.dataset.seq_len} tokens but "
-                              f"train.seq_len is {seq_len}; set train.seq_len={self.dataset.seq_len} or prepare "
-                              "shards of the wanted length")
         self.micro_batch_size = micro_batch_size
         self._items = None
 
@@ -130,7 +120,7 @@ def build_train_stream(config: RunConfig, seq_len: int, env: DistributedEnv):
     data, train = config.data, config.train
     if data.kind == "pretrain":
         shards = _shard_directory(data.train, "train", config, seq_len, env)
-        return PretrainBatches(shards, seq_len, train.micro_batch_size, config.seed, data.shuffle, env)
+        return PretrainBatches(shards, train.micro_batch_size, config.seed, data.shuffle, env)
     return FinetuneBatches(_finetune_dataset(data.train, config, seq_len), train.micro_batch_size, config.seed,
                            data.shuffle, env)
 
@@ -143,5 +133,5 @@ def build_val_source(config: RunConfig, seq_len: int, env: DistributedEnv):
     micro = config.eval.micro_batch_size or config.train.micro_batch_size
     if data.kind == "pretrain":
         shards = _shard_directory(data.val, "val", config, seq_len, env)
-        return PretrainBatches(shards, seq_len, micro, config.seed, False, env)
+        return PretrainBatches(shards, micro, config.seed, False, env)
     return FinetuneBatches(_finetune_dataset(data.val, config, seq_len), micro, config.seed, False, env)
