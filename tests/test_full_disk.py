@@ -47,19 +47,25 @@ def _one_line_full(error: Exception, path) -> None:
     assert "\n" not in message and message.startswith(f"{path}: the disk is full (writing it needs about ")
 
 
-def test_training_checkpoints_on_a_full_disk_stop_with_one_line_and_keep_the_complete_ones(small_disk, tmp_path):
+def test_training_checkpoints_on_a_full_disk_stop_with_one_line_and_resume_bitwise_once_there_is_room(
+        small_disk, tmp_path):
     from mptkit.train.config import load_run
     from mptkit.train.loop import train
 
+    settings = {"checkpoint.interval": 1, "train.device": "cpu"}
+    reference = train(load_run(PRETRAIN_YAML, pretrain_overrides(tmp_path / "reference", steps=3, **settings)))
     # A tiny run's checkpoint (weights + two Adam moments, fp32) takes ~40 MiB: one fits in 60, two do not.
     disk = small_disk(60)
-    overrides = pretrain_overrides(tmp_path / "out", steps=3, **{"checkpoint.dir": disk / "ckpt",
-                                                                 "checkpoint.interval": 1, "train.device": "cpu"})
+    overrides = pretrain_overrides(tmp_path / "out", steps=3, **settings, **{"checkpoint.dir": disk / "ckpt"})
     with pytest.raises(DiskFullError) as info:
         train(load_run(PRETRAIN_YAML, overrides))
     _one_line_full(info.value, disk / "ckpt" / "step_00000002")
     assert [p.name for p in list_checkpoints(disk / "ckpt")] == ["step_00000001"]
     assert latest_checkpoint(disk / "ckpt").name == "step_00000001" and _no_temporaries(disk)
+    # Room made (the filesystem grown), the same command resumes from step 1 as if nothing had happened.
+    subprocess.run(["mount", "-o", "remount,size=200m", "tmpfs", str(disk)], check=True)
+    resumed = train(load_run(PRETRAIN_YAML, overrides))
+    assert resumed.losses == {step: reference.losses[step] for step in (2, 3)}
 
 
 def test_mptkit_train_says_the_disk_is_full_in_one_line(small_disk, tmp_path, capsys):
