@@ -1,25 +1,33 @@
-"""Serving under load: `mptkit serve` on 127.0.0.1 driven by streaming clients, for the continuous
-engine (the default) and the static batcher it replaced (`--scheduler static`), beside the
-library's single-stream compiled-decoder rate measured in the same run (before and after the
-servers; the ratios are against the faster of the two).
+"""Serving under load: `mptkit serve` and vLLM (its CPU build, through mptkit's plugin) on 127.0.0.1,
+driven by the same streaming clients with the same request bodies, weights, prompts, lengths and
+dtype, in one run; beside them the library's single-stream compiled-decoder rate (measured before
+and after the servers; the ratios are against the faster of the two).
 
 A checkpoint of the preset's shape with random weights is written to a temporary directory (the
-speed of serving does not depend on what the weights are). For each scheduler a server process is
-started, warmed up (the continuous engine compiles at start-up; /health says when it is ready),
-then loaded:
+speed of serving does not depend on what the weights are). Engines (--engines):
+- `continuous`: `mptkit serve` (the default engine); `static`: the static batcher it replaced;
+- `vllm`: vLLM's OpenAI server as it starts by default on a CPU, which keeps one of the two cores
+  for its front end (one compute thread);
+- `vllm-2cores`: vLLM computing on both cores (VLLM_CPU_OMP_THREADS_BIND=0-1,
+  VLLM_CPU_NUM_OF_RESERVED_CPU=0), as mptkit serve does.
+vLLM runs from the environment `make vllm-env` builds (.venv-vllm), with --max-num-seqs equal to
+--max-batch-size and compiled (its default; --vllm-eager to skip compilation). For each engine a
+server process is started, warmed up (/health says when it is ready), then loaded:
 - closed loop at each --concurrency level: N clients each send a request, wait for its last
   token, send the next, for --requests-per-client requests or --seconds, whichever ends first;
 - open loop: requests arrive as a Poisson process at --poisson-rate per second, --poisson-requests
   of them (at most --seconds).
 Every request streams a prompt of --prompt-tokens token ids and --new-tokens greedy tokens.
 Reported per run: requests/s, output tokens/s, time to first token and inter-token latency
-(p50, p99). Everything is bounded in requests and time and talks to 127.0.0.1 only; the servers
-are stopped at the end. The client runs in this process, so on a small machine it shares the cores
+(p50, p99), and at the end each engine's throughput and TTFT p99 against mptkit serve's at the same
+load. Everything is bounded in requests and time and talks to 127.0.0.1 only; the servers are
+stopped at the end. The client runs in this process, so on a small machine it shares the cores
 with the server (as a real client on the same host would).
 
-    .venv/bin/python benchmarks/serve.py                     # mpt-125m bf16, 1/4/16/32 clients, both engines
+    .venv/bin/python benchmarks/serve.py --engines continuous vllm vllm-2cores --concurrency 1 32   # the peer comparison
+    .venv/bin/python benchmarks/serve.py                     # mpt-125m, 1/4/16/32 clients, mptkit's two engines
     .venv/bin/python benchmarks/serve.py --preset tiny --dtype float32 --concurrency 1 2 \\
-        --new-tokens 8 --requests-per-client 2 --poisson-requests 4 --schedulers continuous   # a smoke run
+        --new-tokens 8 --requests-per-client 2 --poisson-requests 4 --engines continuous   # a smoke run
 """
 
 from __future__ import annotations
@@ -64,7 +72,7 @@ class RequestResult:
 
 @dataclass
 class Run:
-    scheduler: str
+    engine: str
     mode: str  # "closed-N" or "poisson-R"
     concurrency: int | None
     seconds: float
@@ -99,26 +107,49 @@ def single_stream_rate(decoder: Decoder, prompt: list[int], new_tokens: int) -> 
     return new_tokens / min(time_mptkit(decoder, prompt, new_tokens)[0] for _ in range(2))
 
 
-class Server:
-    """`mptkit serve` as a subprocess on 127.0.0.1, stopped (SIGTERM, then kill) on exit."""
+VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
+MPTKIT_ENGINES = ("continuous", "static")
+VLLM_ENGINES = {"vllm": {}, "vllm-2cores": {"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}}
 
-    def __init__(self, checkpoint: Path, args: argparse.Namespace, scheduler: str, log: Path):
+
+def server_command(engine: str, checkpoint: Path, port: int, args: argparse.Namespace) -> tuple[list[str], dict]:
+    """The command line and extra environment of one engine's server."""
+    if engine in MPTKIT_ENGINES:
+        command = [sys.executable, "-m", "mptkit.cli", "serve", str(checkpoint), "--host", HOST,
+                   "--port", str(port), "--dtype", args.dtype, "--scheduler", engine,
+                   "--max-batch-size", str(args.max_batch_size), "--max-queue", "1024", "--log-level", "warning"]
+        if engine == "continuous" and args.no_compile:
+            command.append("--no-compile")
+        return command, {"PYTHONPATH": str(REPO)}
+    if not VLLM_PYTHON.is_file():
+        raise SystemExit(f"{VLLM_PYTHON} is missing: `make vllm-env` builds vLLM's environment")
+    command = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(checkpoint),
+               "--host", HOST, "--port", str(port), "--dtype", args.dtype, "--served-model-name", "m",
+               "--max-num-seqs", str(args.max_batch_size), "--gpu-memory-utilization", str(args.vllm_memory_share),
+               "--uvicorn-log-level", "warning"]
+    if args.vllm_eager:
+        command.append("--enforce-eager")
+    return command, VLLM_ENGINES[engine]
+
+
+class Server:
+    """One engine's server as a subprocess on 127.0.0.1, stopped (SIGTERM, then kill) on exit."""
+
+    def __init__(self, checkpoint: Path, args: argparse.Namespace, engine: str, log: Path):
         self.port = _free_port()
         self.base = f"http://{HOST}:{self.port}"
-        command = [sys.executable, "-m", "mptkit.cli", "serve", str(checkpoint), "--host", HOST,
-                   "--port", str(self.port), "--dtype", args.dtype, "--scheduler", scheduler,
-                   "--max-batch-size", str(args.max_batch_size), "--max-queue", "1024", "--log-level", "warning"]
-        if scheduler == "continuous" and args.no_compile:
-            command.append("--no-compile")
+        command, env = server_command(engine, checkpoint, self.port, args)
         self.log = open(log, "w")
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO,
-                                        env={**os.environ, "PYTHONPATH": str(REPO)})
+                                        env={**os.environ, **env})
 
     def wait_ready(self, timeout: float) -> float:
         began = time.monotonic()
         while time.monotonic() - began < timeout:
             if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}; see {self.log.name}")
+                self.log.flush()
+                tail = Path(self.log.name).read_text(errors="replace")[-3000:]  # the directory goes with the run
+                raise RuntimeError(f"server exited with {self.process.returncode}; the end of its log:\n{tail}")
             try:
                 if httpx.get(f"{self.base}/health", timeout=2).status_code == 200:
                     return time.monotonic() - began
@@ -166,11 +197,11 @@ async def one_request(client: httpx.AsyncClient, base: str, prompt: list[int], n
     return RequestResult(first - sent, inter, tokens, True)
 
 
-def summarize(scheduler: str, mode: str, concurrency, seconds: float, results: list[RequestResult]) -> Run:
+def summarize(engine: str, mode: str, concurrency, seconds: float, results: list[RequestResult]) -> Run:
     ok = [r for r in results if r.ok]
     ttft = [r.ttft for r in ok] or [float("nan")]
     itl = [r.inter_token for r in ok if r.inter_token is not None] or [float("nan")]
-    return Run(scheduler, mode, concurrency, seconds, len(ok), len(results) - len(ok), len(ok) / seconds,
+    return Run(engine, mode, concurrency, seconds, len(ok), len(results) - len(ok), len(ok) / seconds,
                sum(r.tokens for r in ok) / seconds, float(np.percentile(ttft, 50)), float(np.percentile(ttft, 99)),
                float(np.percentile(itl, 50)), float(np.percentile(itl, 99)), results)
 
@@ -207,20 +238,20 @@ async def open_loop(base: str, args, prompt: list[int]) -> tuple[float, list[Req
         return time.perf_counter() - began, results
 
 
-def measure(scheduler: str, checkpoint: Path, args, prompt: list[int], log_dir: Path) -> list[Run]:
-    server = Server(checkpoint, args, scheduler, log_dir / f"server-{scheduler}.log")
+def measure(engine: str, checkpoint: Path, args, prompt: list[int], log_dir: Path) -> list[Run]:
+    server = Server(checkpoint, args, engine, log_dir / f"server-{engine}.log")
     try:
         ready = server.wait_ready(args.ready_timeout)
-        print(f"\n{scheduler}: ready after {ready:.1f} s (start-up, loading, compiling)", flush=True)
+        print(f"\n{engine}: ready after {ready:.1f} s (start-up, loading, compiling)", flush=True)
         asyncio.run(one_request(httpx.AsyncClient(timeout=args.request_timeout), server.base, prompt, 4))  # warm
         runs = []
         for clients in args.concurrency:
             seconds, results = asyncio.run(closed_loop(server.base, clients, args, prompt))
-            runs.append(summarize(scheduler, f"closed-{clients}", clients, seconds, results))
+            runs.append(summarize(engine, f"closed-{clients}", clients, seconds, results))
             print(_row(runs[-1]), flush=True)
         if args.poisson_requests:
             seconds, results = asyncio.run(open_loop(server.base, args, prompt))
-            runs.append(summarize(scheduler, f"poisson-{args.poisson_rate:g}/s", None, seconds, results))
+            runs.append(summarize(engine, f"poisson-{args.poisson_rate:g}/s", None, seconds, results))
             print(_row(runs[-1]), flush=True)
         return runs
     finally:
@@ -232,9 +263,20 @@ HEADER = (f"{'engine':<12}{'load':<16}{'requests':>9}{'failed':>7}{'req/s':>8}{'
 
 
 def _row(run: Run) -> str:
-    return (f"{run.scheduler:<12}{run.mode:<16}{run.requests:>9}{run.failed:>7}{run.requests_per_s:>8.2f}"
+    return (f"{run.engine:<12}{run.mode:<16}{run.requests:>9}{run.failed:>7}{run.requests_per_s:>8.2f}"
             f"{run.output_tokens_per_s:>11.1f}{run.ttft_p50:>9.3f}s{run.ttft_p99:>9.3f}s"
             f"{run.itl_p50 * 1e3:>7.1f}ms{run.itl_p99 * 1e3:>7.1f}ms")
+
+
+def print_peer_ratios(runs: list[Run]) -> None:
+    """Each other engine against mptkit serve (`continuous`) at the same load: throughput and TTFT p99."""
+    ours = {run.mode: run for run in runs if run.engine == "continuous"}
+    others = [run for run in runs if run.engine != "continuous" and run.mode in ours]
+    if others:
+        print(f"\n{'peer':<16}{'load':<16}{'mptkit/peer tokens/s':>22}{'mptkit/peer TTFT p99':>22}")
+    for run in others:
+        print(f"{run.engine:<16}{run.mode:<16}{ours[run.mode].output_tokens_per_s / run.output_tokens_per_s:>21.2f}x"
+              f"{ours[run.mode].ttft_p99 / run.ttft_p99:>21.2f}x")
 
 
 def plot(runs: list[Run], single_stream: float, path: Path) -> None:
@@ -244,12 +286,12 @@ def plot(runs: list[Run], single_stream: float, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, (throughput, latency) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for scheduler in dict.fromkeys(r.scheduler for r in runs):
-        closed = [r for r in runs if r.scheduler == scheduler and r.concurrency is not None]
+    for engine in dict.fromkeys(r.engine for r in runs):
+        closed = [r for r in runs if r.engine == engine and r.concurrency is not None]
         levels = [r.concurrency for r in closed]
-        throughput.plot(levels, [r.output_tokens_per_s for r in closed], marker="o", label=scheduler)
-        latency.plot(levels, [r.ttft_p99 for r in closed], marker="o", label=f"{scheduler} TTFT p99")
-        latency.plot(levels, [r.itl_p99 for r in closed], marker="x", linestyle="--", label=f"{scheduler} ITL p99")
+        throughput.plot(levels, [r.output_tokens_per_s for r in closed], marker="o", label=engine)
+        latency.plot(levels, [r.ttft_p99 for r in closed], marker="o", label=f"{engine} TTFT p99")
+        latency.plot(levels, [r.itl_p99 for r in closed], marker="x", linestyle="--", label=f"{engine} ITL p99")
     throughput.axhline(single_stream, color="grey", linestyle=":", label="library, one stream (compiled)")
     throughput.set(xscale="log", xlabel="concurrent clients", ylabel="output tokens/s", title="Throughput")
     latency.set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="seconds", title="Latency")
@@ -267,7 +309,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="mpt-125m")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
-    parser.add_argument("--schedulers", nargs="+", default=["continuous", "static"], choices=("continuous", "static"))
+    parser.add_argument("--engines", nargs="+", default=["continuous", "static"],
+                        choices=(*MPTKIT_ENGINES, *VLLM_ENGINES))
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16, 32])
     parser.add_argument("--max-batch-size", type=int, default=32, help="slots (continuous) / batch size (static)")
     parser.add_argument("--prompt-tokens", type=int, default=64)
@@ -279,6 +322,9 @@ def main() -> None:
     parser.add_argument("--request-timeout", type=float, default=600.0)
     parser.add_argument("--ready-timeout", type=float, default=900.0, help="seconds to wait for a server to be ready")
     parser.add_argument("--no-compile", action="store_true", help="serve the continuous engine uncompiled")
+    parser.add_argument("--vllm-eager", action="store_true", help="vLLM with --enforce-eager (no compilation)")
+    parser.add_argument("--vllm-memory-share", type=float, default=0.1,
+                        help="vLLM's --gpu-memory-utilization: on a CPU, the share of RAM for its KV cache")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "images" / "serve_concurrency",
                         help="writes OUT.json and OUT.png")
     args = parser.parse_args()
@@ -297,7 +343,7 @@ def main() -> None:
         before = single_stream_rate(decoder, prompt, args.new_tokens)
         print(f"library single stream (compiled Decoder, batch 1): {before:.1f} tokens/s")
         print(HEADER, flush=True)
-        runs = [run for scheduler in args.schedulers for run in measure(scheduler, checkpoint, args, prompt, Path(tmp))]
+        runs = [run for engine in args.engines for run in measure(engine, checkpoint, args, prompt, Path(tmp))]
         # A small machine's speed drifts over minutes: the single stream is measured again after the
         # servers, and the ratios are taken against the faster of the two (the stricter comparison).
         after = single_stream_rate(decoder, prompt, args.new_tokens)
@@ -308,6 +354,7 @@ def main() -> None:
     print(f"\n{HEADER}")
     for run in runs:
         print(f"{_row(run)}   {run.output_tokens_per_s / single:5.1f}x one stream")
+    print_peer_ratios(runs)
     print(f"load average at the end: {os.getloadavg()[0]:.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     summary = {"preset": args.preset, "dtype": args.dtype, "prompt_tokens": args.prompt_tokens,
