@@ -18,7 +18,7 @@ import torch
 
 from mptkit.data.tokenizer import bundled_tokenizer_path
 from mptkit.export.commands import main as export_main
-from mptkit.loading import CheckpointError, find_source, load, load_model
+from mptkit.loading import CheckpointError, ComposerFile, find_source, load, load_model
 from mptkit.model import MPTConfig, MPTForCausalLM
 
 from .train_support import PRETRAIN_YAML, pretrain_overrides
@@ -107,7 +107,7 @@ def test_a_composer_checkpoint_exports_to_what_transformers_reads_to_the_same_lo
 def test_the_loader_reads_weights_step_and_tokenizer(foundry):
     model, path, expected = foundry
     loaded = load(path, dtype="float32")
-    assert loaded.source == find_source(path) and loaded.source.format == "composer"
+    assert loaded.source == find_source(path) and isinstance(loaded.source, ComposerFile)
     assert loaded.source.step == 2000 and loaded.source.name == "mpt-tiny-foundry"
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[name], tensor), name

@@ -14,7 +14,7 @@ from mptkit.data.templates import DEFAULT_SYSTEM_PROMPT, format_chatml, format_i
 from mptkit.data.tokenizer import load_tokenizer
 from mptkit.inference.commands import main
 from mptkit.inference.prompts import chat_prompt_ids, stop_token_ids
-from mptkit.loading import load
+from mptkit.loading import TrainingCheckpoint, load
 from mptkit.model import MPTConfig, MPTForCausalLM
 
 
@@ -121,7 +121,7 @@ def test_training_checkpoint_loads_with_the_same_weights(tmp_path):
         3, model, optimizer, scheduler, {}, {}, config.to_json_string(), {"data": {"tokenizer": None}}
     )
     loaded = load(tmp_path, dtype="float32")  # the run directory: its newest step
-    assert loaded.source.path.name == "step_00000003" and loaded.source.format == "training-checkpoint"
+    assert loaded.source.path.name == "step_00000003" and isinstance(loaded.source, TrainingCheckpoint)
     reference = model.state_dict()
     for name, tensor in loaded.model.state_dict().items():
         assert torch.equal(tensor, reference[name]), name

@@ -13,7 +13,7 @@ import torch
 
 from mptkit.data.tokenizer import load_tokenizer, train_tokenizer
 from mptkit.inference.commands import main as inference_main
-from mptkit.loading import CheckpointError, ModelSource, find_source, load, load_model, tokenizer_location
+from mptkit.loading import CheckpointError, HFDirectory, find_source, load, load_model, tokenizer_location
 from mptkit.model import MPTConfig, MPTForCausalLM
 
 IDS = torch.tensor([[5, 17, 200, 3, 99, 41]])
@@ -42,7 +42,7 @@ def test_sharded_safetensors_load_as_the_single_file(reference, tmp_path):
     model.save_pretrained(tmp_path, max_shard_size="100KB")
     assert (tmp_path / "model.safetensors.index.json").is_file() and not (tmp_path / "model.safetensors").exists()
     logits, source = _logits(tmp_path)
-    assert source == ModelSource(tmp_path, "hf")
+    assert source == HFDirectory(tmp_path)
     torch.testing.assert_close(logits, expected, rtol=0, atol=0)
 
 

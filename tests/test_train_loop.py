@@ -89,29 +89,37 @@ def test_export_writes_a_directory_that_transformers_loads_with_the_same_logits(
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_a_run_from_init_from_reads_the_source_once(pretrained, tmp_path, monkeypatch, lora):
-    """Finding model.init_from on disk and reading its config happen once in a whole run (counted in
-    every mptkit module that holds the functions), the LoRA base's identity included."""
+    """Finding model.init_from on disk and reading its config happen once in a whole run (find_source
+    counted in every mptkit module that holds it, config_fields on every kind of source), the LoRA
+    base's identity included."""
     import sys
 
     import mptkit.loading as loading
 
-    calls = {"find_source": 0, "read_config_fields": 0}
-    for name in calls:
-        original = getattr(loading, name)
+    from mptkit.loading import sources
 
-        def counting(*args, _name=name, _original=original, **kwargs):
-            calls[_name] += 1
-            return _original(*args, **kwargs)
+    calls = {"find_source": 0, "config_fields": 0}
+    original_find = loading.find_source
 
-        for module in list(sys.modules.values()):
-            if getattr(module, "__name__", "").startswith("mptkit") and getattr(module, name, None) is original:
-                monkeypatch.setattr(module, name, counting)
+    def counting_find(*args, **kwargs):
+        calls["find_source"] += 1
+        return original_find(*args, **kwargs)
+
+    for module in list(sys.modules.values()):
+        if getattr(module, "__name__", "").startswith("mptkit") and getattr(module, "find_source", None) is original_find:
+            monkeypatch.setattr(module, "find_source", counting_find)
+    for kind in (sources.HFDirectory, sources.TrainingCheckpoint, sources.ComposerFile):
+        def counting_fields(self, _original=kind.config_fields):
+            calls["config_fields"] += 1
+            return _original(self)
+
+        monkeypatch.setattr(kind, "config_fields", counting_fields)
     out, _ = pretrained
     extra = {"model.init_from": out / "checkpoints", "train.device": "cpu", "schedule.warmup_steps": 1,
              **({"lora.rank": 2} if lora else {})}
     result = train(load_run(PRETRAIN_YAML, pretrain_overrides(tmp_path, steps=1, **extra)))
     assert result.step == 1 and (result.adapter is not None) == lora
-    assert calls == {"find_source": 1, "read_config_fields": 1}
+    assert calls == {"find_source": 1, "config_fields": 1}
 
 
 def test_tiny_instruct_finetuning_continues_the_pretrained_checkpoint(pretrained, tmp_path):

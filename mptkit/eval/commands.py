@@ -33,12 +33,13 @@ def main(command: str, argv: list[str]) -> int:
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="HF-format model directory, or a training checkpoint (or their directory)")
+    parser.add_argument("model", help="a model: an HF-format directory, a training checkpoint (or their directory), a Composer / llm-foundry checkpoint file, or a hub name org/name[@revision] (downloaded into the hub cache)")
+    parser.add_argument("--revision", help="of a hub name: a branch, tag or commit (default: main)")
     parser.add_argument("--tokenizer", help="tokenizer file or directory (default: the model's, else GPT-NeoX-20B)")
     parser.add_argument("--precision", choices=PRECISIONS, default=PRECISIONS[0],
                         help="bf16: matmuls under bf16 autocast")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("--adapter", metavar="DIR", help="a LoRA adapter (PEFT format) merged into the model")
+    parser.add_argument("--adapter", metavar="DIR", help="a LoRA adapter (PEFT format, or a hub name) merged into the model")
 
 
 def _data(parser: argparse.ArgumentParser) -> None:
@@ -93,7 +94,8 @@ def _load(args, max_seq_len: int | None = None):
     from mptkit.eval.perplexity import autocast_dtype
     from mptkit.loading import load
 
-    loaded = load(args.model, dtype="float32", tokenizer=args.tokenizer, max_seq_len=max_seq_len, adapter=args.adapter)
+    loaded = load(args.model, dtype="float32", tokenizer=args.tokenizer, max_seq_len=max_seq_len, adapter=args.adapter,
+                  revision=args.revision)
     return loaded.model, loaded.tokenizer, autocast_dtype(args.precision)
 
 

@@ -21,8 +21,8 @@ def _parser() -> argparse.ArgumentParser:
                     "for trust_remote_code, tokenizer) or, with --format gguf, as one GGUF file for llama.cpp "
                     "(and Ollama, LM Studio).",
     )
-    parser.add_argument("source", help="a training checkpoint (step_* directory), a directory of them (its newest), "
-                                       "an HF-format model directory, or a Composer / llm-foundry checkpoint file")
+    parser.add_argument("source", help="a model: an HF-format directory, a training checkpoint (or their directory), a Composer / llm-foundry checkpoint file, or a hub name org/name[@revision] (downloaded into the hub cache)")
+    parser.add_argument("--revision", help="of a hub name: a branch, tag or commit (default: main)")
     parser.add_argument("out", help="hf: the output directory; gguf: the .gguf file, or a directory "
                                     "(model-<outtype>.gguf inside)")
     parser.add_argument("--format", choices=FORMATS, default="hf", help="what to write (default: hf)")
@@ -58,15 +58,16 @@ def main(command: str, argv: list[str]) -> int:
         if args.format == "gguf":
             from .gguf import export_gguf
 
-            source, written = export_gguf(args.source, args.out, outtype=args.outtype or DEFAULT_OUTTYPE)
+            source, written = export_gguf(args.source, args.out, outtype=args.outtype or DEFAULT_OUTTYPE,
+                                          revision=args.revision)
         else:
             from .hf import export_hf
 
             source = export_hf(args.source, args.out, dtype=args.dtype or EXPORT_DTYPES[0],
-                               with_tokenizer=not args.no_tokenizer, adapter=args.merge_lora)
+                               with_tokenizer=not args.no_tokenizer, adapter=args.merge_lora, revision=args.revision)
             written = Path(args.out)
     except (ValueError, FileNotFoundError, ImportError, DiskFullError) as exc:
         print(f"mptkit export: {exc}", file=sys.stderr)
         return 2
-    print(f"[mptkit export] {source.path} -> {written}")
+    print(f"[mptkit export] {source.reference} -> {written}")
     return 0

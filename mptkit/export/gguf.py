@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from mptkit.files import staged
-from mptkit.loading import ModelSource, find_source, load, read_config_fields, read_model_config
+from mptkit.loading import ModelSource, find_source, load, read_model_config
 
 from .defaults import DEFAULT_OUTTYPE, OUTTYPES
 from .model_card import CARD_FILE, Export, model_card
@@ -41,7 +41,6 @@ ARCHITECTURE = "mpt"
 # llama.cpp's name for the GPT-NeoX/MPT byte-level BPE pre-tokenizer (the GPT-2 regex): what its
 # converter writes for mosaicml/mpt-7b's tokenizer (src/llama-vocab.cpp maps it to PRE_TYPE_MPT).
 TOKENIZER_PRE = "mpt"
-_LOAD_DTYPES = ("float32", "bfloat16", "float16")  # the stored dtypes loaded as they are
 
 
 def _gguf():
@@ -241,16 +240,6 @@ def write_tokenizer_metadata(writer, tokenizer, vocab_size: int) -> None:
 # ---- the export -----------------------------------------------------------------------------------
 
 
-def stored_dtype(source: ModelSource) -> str:
-    """The dtype a source's weights are stored in (training and Composer checkpoints: read as fp32, which holds bf16 exactly), so that loading
-    neither copies nor rounds them; the conversion to the output type happens tensor by tensor."""
-    if source.format != "hf":
-        return "float32"
-    fields = read_config_fields(source)
-    stored = fields.get("dtype") or fields.get("torch_dtype")
-    return stored if stored in _LOAD_DTYPES else "float32"
-
-
 def gguf_path(out: str | Path, outtype: str) -> Path:
     """`out` itself, or `model-<outtype>.gguf` inside it when it is a directory (or ends with /)."""
     if str(out).endswith(("/", os.sep)) or Path(out).is_dir():  # the slash before Path() drops it
@@ -259,7 +248,7 @@ def gguf_path(out: str | Path, outtype: str) -> Path:
 
 
 def export_gguf(source: str | Path, out: str | Path, outtype: str = DEFAULT_OUTTYPE,
-                tokenizer: str | None = None) -> tuple[ModelSource, Path]:
+                tokenizer: str | None = None, revision: str | None = None) -> tuple[ModelSource, Path]:
     """Write the model at `source` (anything `mptkit.loading` reads) as one GGUF file for llama.cpp;
     returns what was read and the file written. A config llama.cpp's MPT graph cannot run fails
     before anything is written (ValueError naming the field). Written into a directory, the file
@@ -267,9 +256,10 @@ def export_gguf(source: str | Path, out: str | Path, outtype: str = DEFAULT_OUTT
     gguf = _gguf()
     if outtype not in OUTTYPES:
         raise ValueError(f"outtype {outtype!r}: expected one of {', '.join(OUTTYPES)}")
-    found = find_source(source)
+    found = find_source(source, revision)
     check_llama_cpp_runs(read_model_config(found))
-    loaded = load(found.path, dtype=stored_dtype(found), tokenizer=tokenizer)
+    # the stored dtype: loading neither copies nor rounds; the conversion happens tensor by tensor
+    loaded = load(found.reference, dtype=found.stored_dtype(), tokenizer=tokenizer)
     model, config = loaded.model, loaded.model.config
     state = model.state_dict()
     plan = [TensorPlan(key, name := gguf_tensor_name(key), tuple(t.shape), tensor_type(name, tuple(t.shape), outtype))

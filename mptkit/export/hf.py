@@ -12,7 +12,8 @@ from .model_card import CARD_FILE, Export, model_card
 
 
 def export_hf(source: str | Path, out_dir: str | Path, dtype: str = "float32",
-              with_tokenizer: bool = True, adapter: str | Path | None = None) -> ModelSource:
+              with_tokenizer: bool = True, adapter: str | Path | None = None,
+              revision: str | None = None) -> ModelSource:
     """Read `source` (a training checkpoint, possibly sharded, or an HF-format directory) in this one
     process and save it with save_pretrained; returns what was read (for a directory of
     checkpoints, its newest). `adapter`: a PEFT LoRA adapter merged in (in fp32, then cast to
@@ -20,7 +21,7 @@ def export_hf(source: str | Path, out_dir: str | Path, dtype: str = "float32",
     its base with its adapter merged. A model card (README.md) is written beside the weights."""
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(EXPORT_DTYPES)}")
-    loaded = load(source, dtype=dtype, adapter=adapter)
+    loaded = load(source, dtype=dtype, adapter=adapter, revision=revision)
     tokenizer = loaded.tokenizer if with_tokenizer else None
     export = Export("hf", str(out_dir).rstrip("/"), f"{dtype} safetensors",
                     adapter=Path(adapter) if adapter is not None else None)

@@ -10,19 +10,12 @@ from pathlib import Path
 
 from mptkit.data.tokenizer import BUNDLED_TOKENIZER_NAMES
 from mptkit.loading import ModelSource
-from mptkit.loading.training_record import TrainingRecord, read_training_record
+from mptkit.loading.training_record import TrainingRecord
 
 CARD_FILE = "README.md"
 LICENSE = "apache-2.0"  # MPT's license, and mptkit's
 EXAMPLE_PROMPT = "Here is a recipe for vegan banana bread:\n"
 NO_TOKENIZER_FALLBACK = BUNDLED_TOKENIZER_NAMES[0]  # MPT's tokenizer, for an export saved without one
-
-_FORMAT_WORDS = {
-    "hf": "an HF-format directory",
-    "training-checkpoint": "a training checkpoint of `mptkit train`",
-    "composer": "a Composer / llm-foundry checkpoint",
-}
-
 
 @dataclass(frozen=True)
 class Export:
@@ -98,7 +91,7 @@ def _architecture(model, export: Export) -> str:
 
 
 def _training(source: ModelSource, record: TrainingRecord | None, export: Export) -> str:
-    lines = [f"- Exported from {_FORMAT_WORDS.get(source.format, source.format)}: `{source.path}`."]
+    lines = [f"- Exported from {source.description}: `{source.reference}`."]
     if record is None:
         lines.append("- Its training is not recorded there (an HF-format directory keeps weights and config "
                      "only; the model it came from may have its own card).")
@@ -215,7 +208,7 @@ def model_card(model, tokenizer, source: ModelSource, export: Export) -> str:
     from mptkit.model.modeling_mpt import transformers_mpt_ignores
 
     chat = bool(getattr(tokenizer, "chat_template", None))
-    record = read_training_record(source)
+    record = source.training_record()
     usage = (_usage_gguf(export.location, export.gguf_file) if export.kind == "gguf"
              else _usage_hf(export.location, chat, native=not transformers_mpt_ignores(model.config),
                             tokenizer_saved=tokenizer is not None))

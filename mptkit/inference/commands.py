@@ -15,7 +15,14 @@ from pathlib import Path
 
 from mptkit.data.templates import DEFAULT_SYSTEM_PROMPT
 from mptkit.inference.options import ModelOptions, SamplingParams, add_model_arguments, build_generator
-from mptkit.inference.prompts import DEFAULT_TEMPLATE, TEMPLATES, apply_template, chat_prompt_ids, stop_token_ids
+from mptkit.inference.prompts import (
+    DEFAULT_TEMPLATE,
+    TEMPLATES,
+    apply_template,
+    chat_prompt_ids,
+    stop_token_ids,
+    template_for,
+)
 
 GENERATE_MAX_NEW_TOKENS = 256
 CHAT_MAX_NEW_TOKENS = 512  # room for a long answer; never more than half the window (see _run_chat)
@@ -58,8 +65,10 @@ def _generate_parser() -> argparse.ArgumentParser:
     source.add_argument("--prompts-file", type=Path,
                         help="many prompts, run in batches: .jsonl lines with a \"prompt\" field, or one "
                              "prompt per line; prints one JSON line per prompt")
-    parser.add_argument("--template", choices=TEMPLATES, default=DEFAULT_TEMPLATE,
-                        help="instruct: the mpt-7b-instruct template; chat: ChatML with a system turn")
+    parser.add_argument("--template", choices=(DEFAULT_TEMPLATE, *TEMPLATES), default=DEFAULT_TEMPLATE,
+                        help="instruct: the mpt-7b-instruct template; chat: ChatML with a system turn; none: the "
+                             "text as given; auto (default): instruct or chat when the model's name says so "
+                             "(mosaicml/mpt-7b-instruct, -chat), else none")
     parser.add_argument("--system", default=DEFAULT_SYSTEM_PROMPT, help="system prompt for --template chat")
     parser.add_argument("--batch-size", type=int, default=PROMPT_BATCH_SIZE, help="prompts per batch for --prompts-file")
     add_sampling_arguments(parser, max_new_tokens=GENERATE_MAX_NEW_TOKENS)
@@ -97,8 +106,12 @@ def _run_generate(args: argparse.Namespace) -> int:
     params = sampling_params(args)
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts_file)
     decoder, tokenizer = build_generator(ModelOptions.from_args(args))
-    stops = stop_token_ids(tokenizer, args.template)
-    texts = [apply_template(args.template, p, args.system) for p in prompts]
+    template = template_for(args.model) if args.template == DEFAULT_TEMPLATE else args.template
+    if args.template == DEFAULT_TEMPLATE and template != "none":
+        print(f"[mptkit generate] --template {template} (from the model's name; --template none turns it off)",
+              file=sys.stderr)
+    stops = stop_token_ids(tokenizer, template)
+    texts = [apply_template(template, p, args.system) for p in prompts]
     requests = [GenerationRequest(tokenizer(t)["input_ids"], params, stops) for t in texts]
     for request in requests:
         if len(request.prompt_ids) >= decoder.context_length:

@@ -22,12 +22,14 @@ class ModelOptions:
     max_seq_len: int | None = None
     compile: bool = False
     quantize: str | None = None
-    adapter: str | None = None  # a PEFT LoRA adapter directory, merged into the model when loaded
+    adapter: str | None = None  # a PEFT LoRA adapter directory (or hub name), merged into the model when loaded
+    revision: str | None = None  # of a hub name: a branch, tag or commit
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "ModelOptions":
         return cls(model=args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
-                   max_seq_len=args.max_seq_len, compile=args.compile, quantize=args.quantize, adapter=args.adapter)
+                   max_seq_len=args.max_seq_len, compile=args.compile, quantize=args.quantize, adapter=args.adapter,
+                   revision=args.revision)
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,7 @@ def _is_number(value) -> bool:
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = ModelOptions(model="")
-    parser.add_argument("model", help="HF-format model directory, training checkpoint directory, or Composer / llm-foundry checkpoint file")
+    parser.add_argument("model", help="a model: an HF-format directory, a training checkpoint (or their directory), a Composer / llm-foundry checkpoint file, or a hub name org/name[@revision] (downloaded into the hub cache)")
     parser.add_argument("--tokenizer", help="tokenizer directory or tokenizer.json (default: the model's)")
     parser.add_argument("--dtype", default=defaults.dtype, choices=DTYPE_CHOICES,
                         help="auto: bf16 where the hardware has it, else fp32")
@@ -87,7 +89,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="compile the one-token decode step (pays off for long generations)")
     parser.add_argument("--quantize", choices=QUANTIZATIONS, help="weight-only quantization of the projections")
     parser.add_argument("--adapter", metavar="DIR",
-                        help="a LoRA adapter (PEFT format, e.g. a run's output_dir/adapter) merged into the model")
+                        help="a LoRA adapter (PEFT format, e.g. a run's output_dir/adapter, or a hub name) merged "
+                             "into the model")
+    parser.add_argument("--revision", help="of a hub name: a branch, tag or commit (default: main)")
 
 
 def build_generator(options: ModelOptions):
@@ -98,6 +102,6 @@ def build_generator(options: ModelOptions):
     if options.quantize is not None and options.quantize not in QUANTIZATIONS:
         raise ValueError(f"quantize {options.quantize!r}: expected one of {', '.join(QUANTIZATIONS)}")
     loaded = load(options.model, dtype=options.dtype, device=options.device, tokenizer=options.tokenizer,
-                  max_seq_len=options.max_seq_len, adapter=options.adapter)
+                  max_seq_len=options.max_seq_len, adapter=options.adapter, revision=options.revision)
     model = quantize_int8(loaded.model) if options.quantize == "int8" else loaded.model
     return Decoder(model, compile=options.compile), loaded.tokenizer

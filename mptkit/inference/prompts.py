@@ -7,7 +7,14 @@ from mptkit.data.templates import IM_END, format_chatml, format_instruct
 
 # none: the text as given; instruct: the mpt-7b-instruct template; chat: ChatML (mpt-7b-chat).
 TEMPLATES = ("none", "instruct", "chat")
-DEFAULT_TEMPLATE = "none"
+DEFAULT_TEMPLATE = "auto"  # template_for(the model's name)
+
+
+def template_for(model: str) -> str:
+    """The template a model's name (hub name or directory) implies: mosaicml/mpt-7b-instruct ->
+    instruct, mpt-7b-chat -> chat, anything else (mpt-7b, storywriter, a pretrained run) -> none."""
+    name = model.rstrip("/").rsplit("/", 1)[-1].split("@")[0].lower()
+    return next((template for template in ("instruct", "chat") if template in name), "none")
 
 
 def apply_template(template: str, prompt: str, system: str | None = None) -> str:

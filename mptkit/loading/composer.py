@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mptkit.loading import CheckpointError
+from .checkpoints import CheckpointError
 
 _PREFIX = "model."  # ComposerMPTCausalLM.model
 

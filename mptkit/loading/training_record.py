@@ -9,7 +9,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from mptkit.loading import ModelSource, read_run_config
+from .checkpoints import read_run_config
+from .sources import ModelSource
 
 METRICS_FILE = "metrics.jsonl"  # in the run's output_dir, written by mptkit.train.metrics
 
@@ -88,7 +89,8 @@ def _optimizer_summary(optimizer: dict, schedule: dict) -> str | None:
     return text
 
 
-def _from_run_config(source: ModelSource) -> TrainingRecord:
+def read_run_record(source: ModelSource) -> TrainingRecord:
+    """A training checkpoint's record: its run_config.yaml and the run's metrics up to its step."""
     config = read_run_config(source.path)
     data, train, model = _section(config, "data"), _section(config, "train"), _section(config, "model")
     lora = config.get("lora")
@@ -109,13 +111,3 @@ def _from_run_config(source: ModelSource) -> TrainingRecord:
         lora_rank=lora.get("rank") if isinstance(lora, dict) else None,
         evaluation=evaluation,
     )
-
-
-def read_training_record(source: ModelSource) -> TrainingRecord | None:
-    """What `source` records of its training; None for an HF-format directory (it records none)."""
-    if source.format == "training-checkpoint":
-        return _from_run_config(source)
-    if source.format == "composer":
-        checkpoint = source.composer()
-        return TrainingRecord(step=checkpoint.step, tokens=checkpoint.tokens, run_name=checkpoint.run_name)
-    return None

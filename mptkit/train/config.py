@@ -26,7 +26,7 @@ import torch
 
 from mptkit.adapters import DEFAULT_TARGET_MODULES, BaseIdentity, LoraSpec, base_identity, read_base_identity
 from mptkit.data.shards import INDEX_FILE, read_index
-from mptkit.loading import CHECKPOINTS_DIR, ModelSource, find_source, read_config_fields, source_identity
+from mptkit.loading import CHECKPOINTS_DIR, ModelSource, find_source
 from mptkit.model import MPTConfig
 from mptkit.model.configuration_mpt import ConfigError as ModelConfigError
 from mptkit.model.configuration_mpt import merge_config_fields
@@ -266,7 +266,7 @@ def resolve(config: RunConfig, origins: typed_yaml.Origins | None = None) -> Res
         of_model = f" (model of {source.path})" if source else ""
         for key, message in lora_problems(config.lora, model_config):
             origins.fail(key, message + of_model)
-        lora_base = (source_identity(source, stored) if source is not None else
+        lora_base = (source.identity(stored) if source is not None else
                      base_identity(None, {"preset": config.model.preset, "overrides": config.model.overrides,
                                           "seed": config.seed}))
     return ResolvedRun(config=config, model_config=model_config, seq_len=seq_len, source=source, lora_base=lora_base)
@@ -296,7 +296,7 @@ def _init_source(init_from: str | None, origins: typed_yaml.Origins) -> ModelSou
         source = find_source(init_from)
     except FileNotFoundError as exc:
         origins.fail("model.init_from", str(exc))
-    if source.format == "training-checkpoint" and (base := read_base_identity(source.path)) is not None:
+    if (base := source.lora_base_identity()) is not None:
         origins.fail("model.init_from", f"{source.path} is a LoRA run's checkpoint: it holds adapter weights only. "
                      f"Start from its base ({base.short()}), or merge the adapter into it first (mptkit export "
                      "BASE OUT --merge-lora ADAPTER)")
@@ -305,7 +305,7 @@ def _init_source(init_from: str | None, origins: typed_yaml.Origins) -> ModelSou
 
 def _read_stored_fields(source: ModelSource, origins: typed_yaml.Origins) -> dict:
     try:
-        return read_config_fields(source)
+        return source.config_fields()
     except ValueError as exc:  # a missing or unreadable config file (CheckpointError)
         origins.fail("model.init_from", str(exc))
 

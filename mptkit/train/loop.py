@@ -35,7 +35,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from mptkit.loading import latest_checkpoint, list_checkpoints, load_dcp_model_weights, load_weights, resolve_checkpoint
+from mptkit.loading import (
+    TrainingCheckpoint,
+    latest_checkpoint,
+    list_checkpoints,
+    load_dcp_model_weights,
+    resolve_checkpoint,
+)
 from mptkit.model import MPTForCausalLM
 
 from . import lora
@@ -67,7 +73,7 @@ def initial_model(run: ResolvedRun) -> nn.Module:
     """The starting weights in a model on CPU in run.read_dtype, so that they do not depend on device or
     world size: init_from's (any source `mptkit.loading` reads), or the preset's seeded initialisation."""
     if run.source is not None:
-        return load_weights(run.source, run.model_config, run.read_dtype)
+        return run.source.load_weights(run.model_config, run.read_dtype)
     with torch.device("meta"):
         model = MPTForCausalLM(run.model_config).to(run.read_dtype)
     model.to_empty(device="cpu")
@@ -100,7 +106,7 @@ def build_model(run: ResolvedRun, env: DistributedEnv, initialize: bool) -> nn.M
     parallelize(model, run.config.train, run.config.parallel, env)
     model.to_empty(device=env.device)
     if initialize:
-        if run.source is not None and run.source.format == "training-checkpoint":
+        if isinstance(run.source, TrainingCheckpoint):
             load_dcp_model_weights(model, run.source.path)  # each rank reads its own shards
         else:
             state = initial_model(run).state_dict() if env.is_main else {}
