@@ -93,7 +93,7 @@ def staged(target: str | Path, needed: int) -> Iterator[Path]:
     """A temporary path beside `target` to write (a file, or a directory to fill): once the body
     finishes it becomes `target` (a directory's entries replace those of the same name in `target`,
     by renames, which need no space); on failure it is removed. `needed`: the bytes it will take."""
-    target = Path(target)
+    target = Path(target).absolute()  # "." has no name to put the temporary one beside
     temp = target.with_name(f".tmp-{target.name}")
     remove(temp)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ and about how much it needed; nothing half-written is left to be trusted, and wh
 import json
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -142,3 +143,16 @@ def test_a_published_adapter_on_a_full_disk_leaves_the_earlier_one_whole(small_d
         publish_adapter(checkpoint, disk)
     _one_line_full(info.value, disk / CHECKPOINT_ADAPTER_DIR)
     assert (disk / CHECKPOINT_ADAPTER_DIR / ADAPTER_WEIGHTS).read_bytes() == before and _no_temporaries(disk)
+
+
+def test_staged_writes_a_directory_whole_into_the_current_one(tmp_path, monkeypatch):
+    from mptkit.files import staged
+
+    (tmp_path / "here").mkdir()
+    (tmp_path / "here" / "kept.txt").write_text("earlier")
+    monkeypatch.chdir(tmp_path / "here")
+    with staged(Path("."), needed=2) as temp:
+        temp.mkdir()
+        (temp / "new.txt").write_text("ok")
+    assert {p.name: p.read_text() for p in (tmp_path / "here").iterdir()} == {"kept.txt": "earlier", "new.txt": "ok"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here"]
