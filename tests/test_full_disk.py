@@ -156,3 +156,15 @@ def test_staged_writes_a_directory_whole_into_the_current_one(tmp_path, monkeypa
         (temp / "new.txt").write_text("ok")
     assert {p.name: p.read_text() for p in (tmp_path / "here").iterdir()} == {"kept.txt": "earlier", "new.txt": "ok"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["here"]
+
+
+def test_a_trained_tokenizer_on_a_full_disk_leaves_no_directory(small_disk):
+    from mptkit.data.tokenizer import train_tokenizer
+
+    disk = small_disk(1)
+    (disk / "filler").write_bytes(b"\0" * (1024 - 16) * 1024)  # 16 KiB left: less than one tokenizer.json
+    with pytest.raises(DiskFullError) as info:
+        train_tokenizer([str(REPO / "data/books/heldout")], 400, disk / "tok", progress=False)
+    _one_line_full(info.value, disk / "tok")
+    assert sorted(p.name for p in disk.iterdir()) == ["filler"]
+

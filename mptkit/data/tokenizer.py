@@ -22,6 +22,7 @@ from mptkit.data.defaults import DEFAULT_MIN_FREQUENCY
 from mptkit.data.errors import DEFAULT_ON_ERROR
 from mptkit.data.sources import DEFAULT_TEXT_FIELD
 from mptkit.data.templates import CHATML_CHAT_TEMPLATE, ENDOFTEXT, IM_END, IM_START
+from mptkit.files import staged
 
 BUNDLED_TOKENIZER_FILE = "gpt-neox-20b-tokenizer.json"
 # Names that mean the bundled file (MPT configs say tokenizer_name: EleutherAI/gpt-neox-20b).
@@ -207,6 +208,6 @@ def train_tokenizer(
         additional_special_tokens=list(CHATML_TOKENS),
         chat_template=CHATML_CHAT_TEMPLATE,  # saved with it, not only set when loaded back
     )
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    wrapped.save_pretrained(str(out_dir))
+    with staged(Path(out_dir), len(backend.to_str())) as temp:  # the tokenizer.json is nearly all of it
+        wrapped.save_pretrained(str(temp))
     return load_tokenizer(str(out_dir))

@@ -283,5 +283,7 @@ def export_gguf(source: str | Path, out: str | Path, outtype: str = DEFAULT_OUTT
     card = path.parent / CARD_FILE
     if path != Path(out) and not card.exists():  # written into a directory: the card goes beside it
         export = Export("gguf", str(path.parent), f"{outtype} GGUF ({path.name})", gguf_file=path.name)
-        card.write_text(model_card(model, loaded.tokenizer, loaded.source, export))
+        text = model_card(model, loaded.tokenizer, loaded.source, export).encode()
+        with staged(card, len(text)) as temp:
+            temp.write_bytes(text)
     return loaded.source, path
