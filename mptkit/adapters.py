@@ -67,11 +67,16 @@ class LoraSpec:
     base_quantization: Literal["none", "bf16", "int8", "nf4"] = "none"
 
     def peft_config(self, base_path: str | None = None):
+        """peft's LoraConfig; a hub base recorded as org/name@commit is written as PEFT writes a hub
+        base: base_model_name_or_path org/name, revision commit."""
         peft = require_peft()
+        revision = None
+        if base_path is not None and not Path(base_path).exists() and "@" in base_path:
+            base_path, _, revision = base_path.partition("@")
         return peft.LoraConfig(
             r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=list(self.target_modules),
             modules_to_save=list(self.modules_to_save) or None, bias="none", task_type="CAUSAL_LM",
-            base_model_name_or_path=base_path)
+            base_model_name_or_path=base_path, revision=revision)
 
 
 # ---- which modules can be adapted ------------------------------------------------------------------

@@ -4,7 +4,9 @@ with an index, the GPT-NeoX tokenizer. mptkit's own exports never write this lay
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -60,3 +62,22 @@ def write_hub_checkpoint(directory: Path, fields: dict, shards: int = 2, seed: i
     (directory / "config.json").write_text(json.dumps(fields, indent=2))
     load_tokenizer().save_pretrained(str(directory))
     return model
+
+
+def write_cached_repo(cache: Path, repo_id: str, files_from: Path, commit: str, ref: str = "main") -> Path:
+    """`files_from`'s files as huggingface_hub's cache holds a downloaded revision: content-addressed
+    blobs, a snapshot directory of links to them named by the commit, and refs/<ref> naming the
+    commit. Returns the snapshot directory."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs").mkdir(exist_ok=True)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for file in sorted(files_from.iterdir()):
+        if file.is_file():
+            data = file.read_bytes()
+            blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+            blob.write_bytes(data)
+            (snapshot / file.name).symlink_to(os.path.relpath(blob, snapshot))
+    (repo / "refs" / ref).write_text(commit)
+    return snapshot

@@ -86,7 +86,8 @@ def files_to_fetch(repo_files: list[str]) -> list[str]:
 def resolve_hub_repo(name: str, revision: str | None = None) -> HubRepo:
     """`org/name[@revision]` as a pinned snapshot directory in the cache, downloaded if need be."""
     repo_id, revision = split_name(name, revision)
-    snapshot = _snapshot(name, repo_id, revision, files_to_fetch, _has_model_files)
+    formats = [[*CONFIG_FILES, *TOKENIZER_FILES, marker, *([shards] if shards else [])] for marker, shards in WEIGHT_FORMATS]
+    snapshot = _snapshot(name, repo_id, revision, files_to_fetch, formats, _has_model_files)
     repo = HubRepo(path=snapshot, repo_id=repo_id, commit=snapshot.name)
     model_type = repo.config_fields().get("model_type")
     if model_type != "mpt":
@@ -101,7 +102,7 @@ def fetch_hub_adapter(name: str) -> Path:
 
     files = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_IDENTITY)
     repo_id, revision = split_name(name, None)
-    return _snapshot(name, repo_id, revision, lambda listed: [f for f in listed if f in files],
+    return _snapshot(name, repo_id, revision, lambda listed: [f for f in listed if f in files], [list(files)],
                      lambda present: {ADAPTER_CONFIG, ADAPTER_WEIGHTS} <= present)
 
 
@@ -109,14 +110,15 @@ def _has_model_files(present: set[str]) -> bool:
     return "config.json" in present and any(marker in present for marker, _ in WEIGHT_FORMATS)
 
 
-def _snapshot(name: str, repo_id: str, revision: str | None, choose, complete) -> Path:
-    """The snapshot directory of the revision: the cache's when `complete(its files)`, else downloaded
-    with only the files `choose(the repo's files)` picks."""
+def _snapshot(name: str, repo_id: str, revision: str | None, choose, pattern_sets, complete) -> Path:
+    """The snapshot directory of the revision: the cache's when it holds one of `pattern_sets` whole and
+    `complete(its files)`, else downloaded with only the files `choose(the repo's files)` picks."""
     env = _environment()
     try:
-        cached = _cached_snapshot(repo_id, revision, env)
-        if cached is not None and complete({p.name for p in cached.iterdir()}):
-            return cached
+        for patterns in pattern_sets:
+            cached = _cached_snapshot(repo_id, revision, env, patterns)
+            if cached is not None and complete({p.name for p in cached.iterdir()}):
+                return cached
         if env["offline"]:
             raise HubError(f"{name}: not in the hub cache ({env['cache_dir']}), and HF_HUB_OFFLINE is set")
         return _download(repo_id, revision, env, choose)
@@ -126,12 +128,15 @@ def _snapshot(name: str, repo_id: str, revision: str | None, choose, complete) -
         raise _as_hub_error(name, revision, env, exc) from None
 
 
-def _cached_snapshot(repo_id: str, revision: str | None, env: dict) -> Path | None:
+def _cached_snapshot(repo_id: str, revision: str | None, env: dict, patterns: list[str]) -> Path | None:
+    """The cached snapshot when it holds every file of the repo that `patterns` match (huggingface_hub
+    knows the repo's file list from the download) or, for a cache it did not fill, whatever it holds."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(repo_id, revision=revision, cache_dir=env["cache_dir"], local_files_only=True))
+        return Path(snapshot_download(repo_id, revision=revision, cache_dir=env["cache_dir"], local_files_only=True,
+                                      allow_patterns=patterns))
     except LocalEntryNotFoundError:
         return None
 
@@ -148,7 +153,9 @@ def _download(repo_id: str, revision: str | None, env: dict, choose) -> Path:
         raise HubError(f"{repo_id}: the repository has none of the files mptkit reads (config.json and weights, "
                        "or a PEFT adapter)")
     _check_disk(repo_id, env["cache_dir"], sum(sizes[f] for f in wanted))
-    return Path(snapshot_download(repo_id, revision=info.sha, cache_dir=env["cache_dir"], endpoint=env["endpoint"],
+    # by the revision asked (not info.sha): the cache then records the branch, so that the name is read
+    # offline later; the snapshot directory is named by the commit actually fetched
+    return Path(snapshot_download(repo_id, revision=revision, cache_dir=env["cache_dir"], endpoint=env["endpoint"],
                                   token=env["token"], allow_patterns=wanted))
 
 
@@ -158,8 +165,12 @@ def _check_disk(repo_id: str, cache_dir: str, needed: int) -> None:
     where.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(where).free
     if free < needed * _DISK_MARGIN:
-        raise HubError(f"{repo_id}: needs {needed / 2**30:.1f} GiB in {where}, which has {free / 2**30:.1f} GiB free; "
+        raise HubError(f"{repo_id}: needs {_size(needed)} in {where}, which has {_size(free)} free; "
                        "free some space or point HF_HUB_CACHE at a larger disk")
+
+
+def _size(count: int) -> str:
+    return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"
 
 
 def _as_hub_error(name: str, revision: str | None, env: dict, exc: Exception) -> HubError:
@@ -169,7 +180,8 @@ def _as_hub_error(name: str, revision: str | None, env: dict, exc: Exception) ->
         return HubError(f"{name}: the hub repository has no revision {revision!r}")
     if isinstance(exc, GatedRepoError):
         return HubError(f"{name}: a gated repository; accept its terms on the hub and set HF_TOKEN")
-    if isinstance(exc, RepositoryNotFoundError):
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if isinstance(exc, RepositoryNotFoundError) or status in (401, 403, 404):
         token = "" if env["token"] else " (if it is private, set HF_TOKEN)"
         return HubError(f"{name}: no such model on the hub{token}")
     first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -26,7 +26,7 @@ import torch
 
 from mptkit.adapters import DEFAULT_TARGET_MODULES, BaseIdentity, LoraSpec, base_identity, read_base_identity
 from mptkit.data.shards import INDEX_FILE, read_index
-from mptkit.loading import CHECKPOINTS_DIR, ModelSource, find_source
+from mptkit.loading import CHECKPOINTS_DIR, ModelSource, find_source, latest_checkpoint, read_run_config
 from mptkit.model import MPTConfig
 from mptkit.model.configuration_mpt import ConfigError as ModelConfigError
 from mptkit.model.configuration_mpt import merge_config_fields
@@ -252,7 +252,10 @@ def resolve(config: RunConfig, origins: typed_yaml.Origins | None = None) -> Res
     e.g. by `dataclasses.replace`); `origins` (from reading a file) name where each key was set."""
     origins = origins or typed_yaml.Origins()
     _check_relations(config, origins)
-    source = _init_source(config.model.init_from, origins)
+    source = _init_source(_pinned_init_from(config), origins)
+    if source is not None and source.reference != config.model.init_from and not Path(config.model.init_from).exists():
+        # a hub name: the run records (and its checkpoints' run_config.yaml keeps) the commit it resolved to
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, init_from=source.reference))
     stored = _read_stored_fields(source, origins) if source is not None else None
     model_config = _model_config(config.model, stored, origins)
     seq_len = config.train.seq_len or model_config.max_seq_len
@@ -285,6 +288,18 @@ def _check_data(data: DataConfig, split: str, seq_len: int, origins: typed_yaml.
     if missing:
         origins.fail(key, f"{missing[0]} does not exist (expected a shard directory from `mptkit data prepare`, or "
                      "text/JSONL/parquet files, directories or globs)")
+
+
+def _pinned_init_from(config: RunConfig) -> str | None:
+    """model.init_from, or, for a run resuming from its checkpoints, the pinned hub name (org/name@commit)
+    its newest checkpoint records for the same name: a resumed run reads the commit it started from."""
+    init_from = config.model.init_from
+    newest = latest_checkpoint(config.checkpoint_dir) if init_from is not None else None
+    if newest is not None:
+        recorded = (read_run_config(newest).get("model") or {}).get("init_from")
+        if isinstance(recorded, str) and recorded != init_from and recorded.partition("@")[0] == init_from:
+            return recorded
+    return init_from
 
 
 def _init_source(init_from: str | None, origins: typed_yaml.Origins) -> ModelSource | None:
