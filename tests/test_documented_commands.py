@@ -29,6 +29,7 @@ def _code_blocks(markdown: str, language: str) -> list[str]:
 
 
 def readme_shell_commands() -> list[str]:
+    """The README's `mptkit` lines, those on hub names included."""
     lines = []
     for block in _code_blocks((REPO / "README.md").read_text(), "bash"):
         for line in block.splitlines():
@@ -91,16 +92,16 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _serve_answers(command: str, cwd: Path) -> None:
+def _serve_answers(command: str, cwd: Path, model_name: bytes = b"tiny-hf", env: dict = ENV) -> None:
     port = _free_port()
     argv = _argv(re.sub(r"--port \d+", f"--port {port}", command))
-    server = subprocess.Popen(argv, cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 180
         while True:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5) as response:
-                    assert b"tiny-hf" in response.read()
+                    assert model_name in response.read()
                     return
             except OSError:
                 if server.poll() is not None or time.monotonic() > deadline:
@@ -124,7 +125,7 @@ def test_the_readme_quickstart_and_config_headers_run_as_written(tmp_path):
                               env=ENV)
         assert done.returncode == 0, f"README python block failed:\n{block}\n{done.stderr[-3000:]}"
 
-    commands = readme_shell_commands()
+    commands = [c for c in readme_shell_commands() if "mosaicml/" not in c]  # names: the test below
     assert [c.split()[1] for c in commands] == ["data", "train", "train", "export", "generate", "chat", "serve",
                                                 "eval", "eval"]
     for command in commands:
@@ -149,6 +150,28 @@ def test_the_readme_quickstart_and_config_headers_run_as_written(tmp_path):
     shutil.rmtree(cwd / "out/tiny-pretrain/checkpoints")  # keep the tokenized shards, train afresh
     run_documented(tiny[1], cwd)
     assert (cwd / "out/tiny-pretrain/checkpoints/step_00000002/.metadata").is_file()
+
+
+def test_the_readme_commands_on_hub_names_run_against_an_offline_cache(tmp_path):
+    """The quickstart's `mptkit generate/serve mosaicml/...` lines, run as written with HF_HUB_OFFLINE=1
+    against a hub cache holding tiny models in the published layout (tests/hub_checkpoints.py)."""
+    from .hub_checkpoints import hub_fields, write_cached_repo, write_hub_checkpoint
+
+    commands = [c for c in readme_shell_commands() if "mosaicml/" in c]
+    assert [c.split()[1] for c in commands] == ["generate", "serve"]
+    cache = tmp_path / "cache"
+    for name in {c.split()[2] for c in commands}:
+        files = tmp_path / name.replace("/", "--")
+        write_hub_checkpoint(files, hub_fields(d_model=64, n_heads=4, n_layers=2, max_seq_len=512))
+        write_cached_repo(cache, name, files, "a" * 40)
+    env = {**ENV, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    for command in commands:
+        if command.startswith("mptkit serve"):
+            _serve_answers(command, tmp_path, model_name=b"mpt-7b-chat", env=env)
+        else:
+            done = subprocess.run(_argv(command), cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+            assert done.returncode == 0 and done.stdout.strip(), done.stderr[-3000:]
+            assert "--template instruct" in done.stderr
 
 
 @pytest.mark.parametrize("config", ["pretrain/125m.yaml", "pretrain/1b.yaml", "pretrain/7b.yaml",

@@ -157,6 +157,13 @@ def test_a_run_from_a_name_records_its_commit_and_resumes_from_it(offline, tmp_p
         assert load(out / "checkpoints").source.lora_base().reference == f"mosaicml/mpt-7b@{COMMIT}"
     finally:
         (cache / "models--mosaicml--mpt-7b" / "refs" / "main").write_text(COMMIT)
+    # the adapter published on the hub: --adapter and export --merge-lora take its name
+    write_cached_repo(cache, "acme/mpt-7b-lora", out / "adapter", "b" * 40)
+    merged = load("mosaicml/mpt-7b", dtype="float32", adapter=out / "adapter")
+    assert torch.equal(_logits(load("mosaicml/mpt-7b", dtype="float32", adapter="acme/mpt-7b-lora").model),
+                       _logits(merged.model))
+    assert mptkit_main(["export", "mosaicml/mpt-7b", str(tmp_path / "merged"), "--merge-lora", "acme/mpt-7b-lora"]) == 0
+    torch.testing.assert_close(_logits(load(tmp_path / "merged", dtype="float32").model), _logits(merged.model))
 
 
 # ---- downloads over HTTP -----------------------------------------------------------------------------
