@@ -14,20 +14,54 @@ import torch
 from mptkit.data.tokenizer import load_tokenizer
 from mptkit.model import MPTConfig, MPTForCausalLM
 
-# The fields every mosaicml/mpt-7b* config.json carries (MPT-7B's values; the shape is the caller's).
+# mosaicml/mpt-7b's config.json as the hub has it (its -instruct and -chat differ only in their
+# names; -storywriter in max_seq_len 65536, alibi_bias_max 16, clip_qkv 6).
 HUB_MPT7B_FIELDS = {
-    "architectures": ["MPTForCausalLM"], "model_type": "mpt",
-    "attn_config": {"attn_type": "multihead_attention", "attn_impl": "torch", "attn_pdrop": 0, "alibi": True,
-                    "alibi_bias_max": 8, "clip_qkv": None, "qk_ln": False, "prefix_lm": False,
-                    "attn_uses_sequence_id": False, "softmax_scale": None},
+    "architectures": ["MPTForCausalLM"],
+    "attn_config": {
+        "alibi": True,
+        "alibi_bias_max": 8,
+        "attn_impl": "torch",
+        "attn_pdrop": 0,
+        "attn_type": "multihead_attention",
+        "attn_uses_sequence_id": False,
+        "clip_qkv": None,
+        "prefix_lm": False,
+        "qk_ln": False,
+        "softmax_scale": None,
+    },
     "auto_map": {"AutoConfig": "configuration_mpt.MPTConfig", "AutoModelForCausalLM": "modeling_mpt.MPTForCausalLM"},
-    "d_model": 4096, "n_heads": 32, "n_layers": 32, "expansion_ratio": 4, "vocab_size": 50432, "max_seq_len": 2048,
-    "emb_pdrop": 0, "resid_pdrop": 0, "embedding_fraction": 1.0, "logit_scale": None, "learned_pos_emb": True,
-    "no_bias": True, "norm_type": "low_precision_layernorm", "init_device": "cpu", "use_cache": False,
-    "torch_dtype": "bfloat16", "tokenizer_name": "EleutherAI/gpt-neox-20b", "verbose": 0,
-    "init_config": {"name": "kaiming_normal_", "fan_mode": "fan_in", "init_nonlinearity": "relu",
-                    "init_div_is_residual": True, "init_gain": 0, "init_std": 0.02, "emb_init_std": None,
-                    "emb_init_uniform_lim": None},
+    "d_model": 4096,
+    "emb_pdrop": 0,
+    "embedding_fraction": 1.0,
+    "expansion_ratio": 4,
+    "init_config": {
+        "emb_init_std": None,
+        "emb_init_uniform_lim": None,
+        "fan_mode": "fan_in",
+        "init_div_is_residual": True,
+        "init_gain": 0,
+        "init_nonlinearity": "relu",
+        "init_std": 0.02,
+        "name": "kaiming_normal_",
+        "verbose": 0,
+    },
+    "init_device": "cpu",
+    "learned_pos_emb": True,
+    "logit_scale": None,
+    "max_seq_len": 2048,
+    "model_type": "mpt",
+    "n_heads": 32,
+    "n_layers": 32,
+    "no_bias": True,
+    "norm_type": "low_precision_layernorm",
+    "resid_pdrop": 0,
+    "tokenizer_name": "EleutherAI/gpt-neox-20b",
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.28.1",
+    "use_cache": False,
+    "verbose": 0,
+    "vocab_size": 50432,
 }
 
 

@@ -18,6 +18,7 @@ from transformers.models.mpt.modeling_mpt import build_mpt_alibi_tensor
 from mptkit.model import ConfigError, MPTConfig, MPTForCausalLM
 from mptkit.model.alibi import alibi_slopes
 
+from .hub_checkpoints import HUB_MPT7B_FIELDS
 from .naive_mpt import closed_form_slopes, naive_logits
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,59 +91,10 @@ def test_alibi_slopes_match_transformers():
 # Config
 
 
-HUB_MPT_7B_CONFIG = {
-    "architectures": ["MPTForCausalLM"],
-    "attn_config": {
-        "alibi": True,
-        "alibi_bias_max": 8,
-        "attn_impl": "torch",
-        "attn_pdrop": 0,
-        "attn_type": "multihead_attention",
-        "attn_uses_sequence_id": False,
-        "clip_qkv": None,
-        "prefix_lm": False,
-        "qk_ln": False,
-        "softmax_scale": None,
-    },
-    "auto_map": {"AutoConfig": "configuration_mpt.MPTConfig", "AutoModelForCausalLM": "modeling_mpt.MPTForCausalLM"},
-    "d_model": 4096,
-    "emb_pdrop": 0,
-    "embedding_fraction": 1.0,
-    "expansion_ratio": 4,
-    "init_config": {
-        "emb_init_std": None,
-        "emb_init_uniform_lim": None,
-        "fan_mode": "fan_in",
-        "init_div_is_residual": True,
-        "init_gain": 0,
-        "init_nonlinearity": "relu",
-        "init_std": 0.02,
-        "name": "kaiming_normal_",
-        "verbose": 0,
-    },
-    "init_device": "cpu",
-    "learned_pos_emb": True,
-    "logit_scale": None,
-    "max_seq_len": 2048,
-    "model_type": "mpt",
-    "n_heads": 32,
-    "n_layers": 32,
-    "no_bias": True,
-    "norm_type": "low_precision_layernorm",
-    "resid_pdrop": 0,
-    "tokenizer_name": "EleutherAI/gpt-neox-20b",
-    "torch_dtype": "bfloat16",
-    "transformers_version": "4.28.1",
-    "use_cache": False,
-    "verbose": 0,
-    "vocab_size": 50432,
-}
-
-
 def test_hub_config_json_loads_unchanged_and_matches_preset(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps(HUB_MPT_7B_CONFIG))
+    (tmp_path / "config.json").write_text(json.dumps(HUB_MPT7B_FIELDS))
     config = MPTConfig.from_pretrained(tmp_path)
-    for key, value in HUB_MPT_7B_CONFIG["attn_config"].items():
+    for key, value in HUB_MPT7B_FIELDS["attn_config"].items():
         assert config.attn_config[key] == value
     assert (config.d_model, config.n_heads, config.n_layers, config.vocab_size) == (4096, 32, 32, 50432)
     assert config.attn.alibi and not config.uses_learned_positions  # learned_pos_emb is inert with ALiBi
