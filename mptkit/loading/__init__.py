@@ -33,7 +33,15 @@ from .checkpoints import (
 )
 from .dtypes import DTYPES, cpu_supports_bf16, resolve_dtype
 from .hub import HubError, HubRepo
-from .model import LoadedModel, find_adapter, load, load_model, load_tokenizer_for, read_model_config, tokenizer_location
+from .model import (
+    LoadedModel,
+    find_adapter,
+    load,
+    load_model,
+    load_tokenizer_for,
+    read_model_config,
+    tokenizer_location,
+)
 from .sources import ComposerFile, HFDirectory, ModelSource, TrainingCheckpoint, find_source
 from .weights import check_safetensors, check_weight_files, weight_files
 

@@ -86,7 +86,8 @@ def files_to_fetch(repo_files: list[str]) -> list[str]:
 def resolve_hub_repo(name: str, revision: str | None = None) -> HubRepo:
     """`org/name[@revision]` as a pinned snapshot directory in the cache, downloaded if need be."""
     repo_id, revision = split_name(name, revision)
-    formats = [[*CONFIG_FILES, *TOKENIZER_FILES, marker, *([shards] if shards else [])] for marker, shards in WEIGHT_FORMATS]
+    formats = [[*CONFIG_FILES, *TOKENIZER_FILES, marker, *([shards] if shards else [])]
+               for marker, shards in WEIGHT_FORMATS]
     snapshot = _snapshot(name, repo_id, revision, files_to_fetch, formats, _has_model_files)
     repo = HubRepo(path=snapshot, repo_id=repo_id, commit=snapshot.name)
     model_type = repo.config_fields().get("model_type")
